@@ -1,0 +1,80 @@
+/* comm.h: the only room that talks to the network.
+ *
+ * A communicator over MPI (rank, size, host), run with MPI_ERRORS_RETURN so that every
+ * failure comes back as a status naming the call, rank and host; a nonblocking ring
+ * exchange (send to rank+1, receive from rank-1) that the engine posts before it
+ * computes on the block it holds; small collectives for agreeing on errors and
+ * gathering figures; point-to-point sends for tensor I/O; per-rank byte counters.
+ * Buffers of any size: messages above 1 GiB travel in pieces.
+ *
+ * Transport: before MPI_Init, spar_comm_prepare_transport picks Open MPI's UCX PML
+ * (with any UCX transport, so that TCP/shared-memory hosts qualify) when UCX works on
+ * this host, or Open MPI's own ob1 PML otherwise; a PML chosen by the user through
+ * OMPI_MCA_pml is left alone. spar_comm_transport() says what was chosen and why.
+ *
+ * Defines: spar_comm and its functions. Leaves out: any arithmetic on the data.
+ */
+#ifndef SPAR_COMM_H
+#define SPAR_COMM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct spar_comm spar_comm;
+
+/* choice: "auto", "ucx" or "ob1". Sets Open MPI's PML parameters in the environment;
+ * call before spar_comm_init. Returns SPAR_EINVAL for another choice. */
+int spar_comm_prepare_transport(const char *choice);
+
+/* MPI_Init (threads: funneled), errors returned, identity given to the log. */
+int spar_comm_init(spar_comm **out, int *argc, char ***argv);
+
+/* MPI_Finalize and free. */
+void spar_comm_free(spar_comm *comm);
+
+/* Ends every rank of the job now with exit code `code` (the launcher's last resort). */
+void spar_comm_abort(spar_comm *comm, int code);
+
+int spar_comm_rank(const spar_comm *comm);
+int spar_comm_size(const spar_comm *comm);
+const char *spar_comm_host(const spar_comm *comm);
+/* "ucx (auto: UCX 1.13 works here)" and the like. */
+const char *spar_comm_transport(const spar_comm *comm);
+/* First line of MPI_Get_library_version. */
+const char *spar_comm_library(const spar_comm *comm);
+
+/* Seconds since an arbitrary start, the same clock on every call. */
+double spar_comm_wtime(void);
+
+/* Bytes this rank has sent since init (all sends and collectives' own contributions
+ * to point-to-point traffic; the ring and tensor I/O). */
+uint64_t spar_comm_bytes_sent(const spar_comm *comm);
+/* Bytes this rank has sent through the ring exchange only. */
+uint64_t spar_comm_ring_bytes_sent(const spar_comm *comm);
+
+/* Every rank passes its own status; all receive the most negative one (0 when every
+ * rank succeeded). This is how one rank's bad input stops all ranks cleanly. */
+int spar_comm_agree(spar_comm *comm, int status, int *worst);
+
+int spar_comm_barrier(spar_comm *comm);
+int spar_comm_bcast(spar_comm *comm, void *buf, size_t bytes, int root);
+
+/* Gathers `bytes` from every rank into out ([size * bytes], rank order) on rank root. */
+int spar_comm_gather(spar_comm *comm, const void *send, size_t bytes, void *out, int root);
+/* Max and sum of a value over ranks, on every rank. */
+int spar_comm_allreduce_max_double(spar_comm *comm, double *value);
+int spar_comm_allreduce_sum_double(spar_comm *comm, double *value);
+
+/* Blocking point-to-point, for moving tensors between rank 0 and the others. */
+int spar_comm_send(spar_comm *comm, const void *buf, size_t bytes, int dest, int tag);
+int spar_comm_recv(spar_comm *comm, void *buf, size_t bytes, int src, int tag);
+
+/* Ring exchange: post sending `send` (send_bytes) to rank+1 and receiving recv_bytes
+ * from rank-1 into `recv`; one exchange in flight at a time. test makes progress and
+ * sets *done; wait completes it. The buffers must not be touched until it completes. */
+int spar_comm_ring_start(spar_comm *comm, const void *send, size_t send_bytes, void *recv,
+                         size_t recv_bytes);
+int spar_comm_ring_test(spar_comm *comm, int *done);
+int spar_comm_ring_wait(spar_comm *comm);
+
+#endif

@@ -1,0 +1,283 @@
+/* comm_mpi.c: the communicator over MPI (see comm.h). */
+#include "comm.h"
+
+#include <limits.h>
+#include <mpi.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "spar_status.h"
+
+/* MPI counts are int: larger buffers go in pieces of this many bytes. */
+#define PIECE_BYTES ((size_t)1 << 30)
+#define MAX_RING_REQS 64
+
+struct spar_comm {
+    MPI_Comm world;
+    int rank, size;
+    char host[MPI_MAX_PROCESSOR_NAME];
+    char library[MPI_MAX_LIBRARY_VERSION_STRING];
+    uint64_t bytes_sent, ring_bytes_sent;
+    MPI_Request ring_reqs[MAX_RING_REQS];
+    int ring_nreqs;
+    int fault_ring_rank; /* test hook: this rank's ring send targets an invalid peer */
+};
+
+static char transport_text[160] = "ob1 (Open MPI default)";
+
+/* Print the failing call with MPI's own words, and return SPAR_ECOMM. */
+#define SPAR_MPI_CHECK(expr)                                                                   \
+    do {                                                                                       \
+        int spar_mpi_rc_ = (expr);                                                             \
+        char spar_mpi_msg_[MPI_MAX_ERROR_STRING] = "";                                         \
+        int spar_mpi_len_ = 0;                                                                 \
+        if (spar_mpi_rc_ != MPI_SUCCESS)                                                       \
+            MPI_Error_string(spar_mpi_rc_, spar_mpi_msg_, &spar_mpi_len_);                     \
+        SPAR_CHECK_GENERIC(spar_mpi_rc_ != MPI_SUCCESS, #expr, spar_mpi_msg_, SPAR_ECOMM);     \
+    } while (0)
+
+#ifdef SPAR_HAVE_UCX
+#include <ucp/api/ucp.h>
+
+/* Can UCX start here? A context with the tag feature is what Open MPI's PML needs. */
+static int ucx_works(char *why, size_t len) {
+    ucp_config_t *config = NULL;
+    ucp_context_h context = NULL;
+    ucp_params_t params = {.field_mask = UCP_PARAM_FIELD_FEATURES, .features = UCP_FEATURE_TAG};
+    if (ucp_config_read(NULL, NULL, &config) != UCS_OK) {
+        snprintf(why, len, "UCX configuration unreadable");
+        return 0;
+    }
+    ucs_status_t st = ucp_init(&params, config, &context);
+    ucp_config_release(config);
+    if (st != UCS_OK) {
+        snprintf(why, len, "UCX did not start: %s", ucs_status_string(st));
+        return 0;
+    }
+    ucp_cleanup(context);
+    unsigned major, minor, release;
+    ucp_get_version(&major, &minor, &release);
+    snprintf(why, len, "UCX %u.%u works here", major, minor);
+    return 1;
+}
+#else
+static int ucx_works(char *why, size_t len) {
+    snprintf(why, len, "built without UCX");
+    return 0;
+}
+#endif
+
+static void use_ucx_pml(void) {
+    /* Open MPI 4.1 only takes the UCX PML on InfiniBand-class devices unless told that
+     * any transport and device will do (DESIGN.md 5). */
+    setenv("OMPI_MCA_pml", "ucx", 1);
+    setenv("OMPI_MCA_pml_ucx_tls", "any", 0);
+    setenv("OMPI_MCA_pml_ucx_devices", "any", 0);
+}
+
+int spar_comm_prepare_transport(const char *choice) {
+    char why[96];
+    const char *user = getenv("OMPI_MCA_pml");
+    if (user && *user) {
+        snprintf(transport_text, sizeof transport_text, "%s (set by OMPI_MCA_pml)", user);
+        return SPAR_OK;
+    }
+    if (strcmp(choice, "ob1") == 0) {
+        setenv("OMPI_MCA_pml", "ob1", 1);
+        snprintf(transport_text, sizeof transport_text, "ob1 (comm.transport=ob1)");
+    } else if (strcmp(choice, "ucx") == 0) {
+        use_ucx_pml();
+        snprintf(transport_text, sizeof transport_text, "ucx (comm.transport=ucx)");
+    } else if (strcmp(choice, "auto") == 0) {
+        if (ucx_works(why, sizeof why)) {
+            use_ucx_pml();
+            snprintf(transport_text, sizeof transport_text, "ucx (auto: %s)", why);
+        } else {
+            setenv("OMPI_MCA_pml", "ob1", 1);
+            snprintf(transport_text, sizeof transport_text, "ob1 (auto: %s)", why);
+        }
+    } else {
+        return SPAR_EINVAL;
+    }
+    return SPAR_OK;
+}
+
+static void read_fault_hook(spar_comm *comm) {
+    const char *spec = getenv("SPAR_TEST_FAULT");
+    comm->fault_ring_rank = -1;
+    if (spec && strncmp(spec, "ring:", 5) == 0)
+        comm->fault_ring_rank = atoi(spec + 5);
+}
+
+int spar_comm_init(spar_comm **out, int *argc, char ***argv) {
+    int provided = 0, len = 0;
+    *out = NULL;
+    if (MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided) != MPI_SUCCESS) {
+        return spar_errorf(SPAR_ECOMM, "MPI_Init_thread failed (is this run under mpirun or "
+                                       "srun --mpi=pmix?)");
+    }
+    spar_comm *comm = calloc(1, sizeof *comm);
+    if (!comm)
+        return SPAR_ENOMEM;
+    comm->world = MPI_COMM_WORLD;
+    SPAR_MPI_CHECK(MPI_Comm_set_errhandler(comm->world, MPI_ERRORS_RETURN));
+    SPAR_MPI_CHECK(MPI_Comm_rank(comm->world, &comm->rank));
+    SPAR_MPI_CHECK(MPI_Comm_size(comm->world, &comm->size));
+    SPAR_MPI_CHECK(MPI_Get_processor_name(comm->host, &len));
+    char version[MPI_MAX_LIBRARY_VERSION_STRING];
+    SPAR_MPI_CHECK(MPI_Get_library_version(version, &len));
+    version[strcspn(version, "\n,")] = '\0';
+    snprintf(comm->library, sizeof comm->library, "%s", version);
+    read_fault_hook(comm);
+    spar_log_set_identity(comm->rank, comm->size, comm->host);
+    *out = comm;
+    return SPAR_OK;
+}
+
+void spar_comm_free(spar_comm *comm) {
+    if (!comm)
+        return;
+    MPI_Finalize();
+    free(comm);
+}
+
+void spar_comm_abort(spar_comm *comm, int code) {
+    MPI_Abort(comm ? comm->world : MPI_COMM_WORLD, code);
+}
+
+int spar_comm_rank(const spar_comm *comm) {
+    return comm->rank;
+}
+
+int spar_comm_size(const spar_comm *comm) {
+    return comm->size;
+}
+
+const char *spar_comm_host(const spar_comm *comm) {
+    return comm->host;
+}
+
+const char *spar_comm_transport(const spar_comm *comm) {
+    (void)comm;
+    return transport_text;
+}
+
+const char *spar_comm_library(const spar_comm *comm) {
+    return comm->library;
+}
+
+double spar_comm_wtime(void) {
+    return MPI_Wtime();
+}
+
+uint64_t spar_comm_bytes_sent(const spar_comm *comm) {
+    return comm->bytes_sent;
+}
+
+uint64_t spar_comm_ring_bytes_sent(const spar_comm *comm) {
+    return comm->ring_bytes_sent;
+}
+
+int spar_comm_agree(spar_comm *comm, int status, int *worst) {
+    SPAR_MPI_CHECK(MPI_Allreduce(&status, worst, 1, MPI_INT, MPI_MIN, comm->world));
+    return SPAR_OK;
+}
+
+int spar_comm_barrier(spar_comm *comm) {
+    SPAR_MPI_CHECK(MPI_Barrier(comm->world));
+    return SPAR_OK;
+}
+
+int spar_comm_bcast(spar_comm *comm, void *buf, size_t bytes, int root) {
+    for (size_t off = 0; off < bytes; off += PIECE_BYTES) {
+        size_t n = bytes - off < PIECE_BYTES ? bytes - off : PIECE_BYTES;
+        SPAR_MPI_CHECK(MPI_Bcast((char *)buf + off, (int)n, MPI_BYTE, root, comm->world));
+    }
+    return SPAR_OK;
+}
+
+int spar_comm_gather(spar_comm *comm, const void *send, size_t bytes, void *out, int root) {
+    if (bytes > INT_MAX)
+        return spar_errorf(SPAR_EUNSUP, "gather of %zu bytes per rank is too large", bytes);
+    SPAR_MPI_CHECK(
+        MPI_Gather(send, (int)bytes, MPI_BYTE, out, (int)bytes, MPI_BYTE, root, comm->world));
+    return SPAR_OK;
+}
+
+int spar_comm_allreduce_max_double(spar_comm *comm, double *value) {
+    SPAR_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, value, 1, MPI_DOUBLE, MPI_MAX, comm->world));
+    return SPAR_OK;
+}
+
+int spar_comm_allreduce_sum_double(spar_comm *comm, double *value) {
+    SPAR_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, value, 1, MPI_DOUBLE, MPI_SUM, comm->world));
+    return SPAR_OK;
+}
+
+int spar_comm_send(spar_comm *comm, const void *buf, size_t bytes, int dest, int tag) {
+    for (size_t off = 0; off < bytes; off += PIECE_BYTES) {
+        size_t n = bytes - off < PIECE_BYTES ? bytes - off : PIECE_BYTES;
+        SPAR_MPI_CHECK(MPI_Send((const char *)buf + off, (int)n, MPI_BYTE, dest, tag, comm->world));
+    }
+    comm->bytes_sent += bytes;
+    return SPAR_OK;
+}
+
+int spar_comm_recv(spar_comm *comm, void *buf, size_t bytes, int src, int tag) {
+    for (size_t off = 0; off < bytes; off += PIECE_BYTES) {
+        size_t n = bytes - off < PIECE_BYTES ? bytes - off : PIECE_BYTES;
+        SPAR_MPI_CHECK(
+            MPI_Recv((char *)buf + off, (int)n, MPI_BYTE, src, tag, comm->world, MPI_STATUS_IGNORE));
+    }
+    return SPAR_OK;
+}
+
+enum { RING_TAG = 7100 };
+
+int spar_comm_ring_start(spar_comm *comm, const void *send, size_t send_bytes, void *recv,
+                         size_t recv_bytes) {
+    if (comm->ring_nreqs != 0)
+        return spar_errorf(SPAR_EINVAL, "ring exchange started while another is in flight");
+    size_t pieces = (send_bytes + PIECE_BYTES - 1) / PIECE_BYTES;
+    size_t rpieces = (recv_bytes + PIECE_BYTES - 1) / PIECE_BYTES;
+    if (pieces + rpieces > MAX_RING_REQS)
+        return spar_errorf(SPAR_EUNSUP, "ring block of %zu bytes exceeds %d GiB", send_bytes,
+                           MAX_RING_REQS / 2);
+    int right = (comm->rank + 1) % comm->size, left = (comm->rank + comm->size - 1) % comm->size;
+    if (comm->rank == comm->fault_ring_rank)
+        right = comm->size; /* an invalid peer: MPI itself reports the failure */
+    for (size_t off = 0; off < recv_bytes; off += PIECE_BYTES) {
+        size_t n = recv_bytes - off < PIECE_BYTES ? recv_bytes - off : PIECE_BYTES;
+        SPAR_MPI_CHECK(MPI_Irecv((char *)recv + off, (int)n, MPI_BYTE, left, RING_TAG,
+                                 comm->world, &comm->ring_reqs[comm->ring_nreqs++]));
+    }
+    for (size_t off = 0; off < send_bytes; off += PIECE_BYTES) {
+        size_t n = send_bytes - off < PIECE_BYTES ? send_bytes - off : PIECE_BYTES;
+        SPAR_MPI_CHECK(MPI_Isend((const char *)send + off, (int)n, MPI_BYTE, right, RING_TAG,
+                                 comm->world, &comm->ring_reqs[comm->ring_nreqs++]));
+    }
+    comm->bytes_sent += send_bytes;
+    comm->ring_bytes_sent += send_bytes;
+    return SPAR_OK;
+}
+
+int spar_comm_ring_test(spar_comm *comm, int *done) {
+    *done = 1;
+    if (comm->ring_nreqs == 0)
+        return SPAR_OK;
+    SPAR_MPI_CHECK(MPI_Testall(comm->ring_nreqs, comm->ring_reqs, done, MPI_STATUSES_IGNORE));
+    if (*done)
+        comm->ring_nreqs = 0;
+    return SPAR_OK;
+}
+
+int spar_comm_ring_wait(spar_comm *comm) {
+    if (comm->ring_nreqs == 0)
+        return SPAR_OK;
+    int n = comm->ring_nreqs;
+    comm->ring_nreqs = 0;
+    SPAR_MPI_CHECK(MPI_Waitall(n, comm->ring_reqs, MPI_STATUSES_IGNORE));
+    return SPAR_OK;
+}

@@ -1,0 +1,39 @@
+/* merge.c: exact merging of partial softmax results (DESIGN.md 3.1), in fp32 storage
+ * with double arithmetic per row so that many merges (one per ring step) add no
+ * error beyond the final rounding. */
+#include <math.h>
+
+#include "kernels.h"
+
+void spar_softmax_init_partial(int64_t n, int heads, int head_dim, float *o, float *lse) {
+    int64_t rows = n * heads;
+    for (int64_t r = 0; r < rows; r++) {
+        lse[r] = -INFINITY;
+        for (int c = 0; c < head_dim; c++)
+            o[r * head_dim + c] = 0.0f;
+    }
+}
+
+void spar_softmax_merge(int64_t n, int heads, int head_dim, float *o_a, float *lse_a,
+                        const float *o_b, const float *lse_b) {
+    int64_t rows = n * heads;
+    for (int64_t r = 0; r < rows; r++) {
+        double a = lse_a[r], b = lse_b[r];
+        if (isinf(b) && b < 0)
+            continue; /* b saw no keys */
+        if (isinf(a) && a < 0) {
+            lse_a[r] = lse_b[r];
+            for (int c = 0; c < head_dim; c++)
+                o_a[r * head_dim + c] = o_b[r * head_dim + c];
+            continue;
+        }
+        double hi = a > b ? a : b, lo = a > b ? b : a;
+        double lse = hi + log1p(exp(lo - hi));
+        double wa = exp(a - lse), wb = exp(b - lse);
+        for (int c = 0; c < head_dim; c++) {
+            int64_t i = r * head_dim + c;
+            o_a[i] = (float)(wa * o_a[i] + wb * o_b[i]);
+        }
+        lse_a[r] = (float)lse;
+    }
+}

@@ -1,0 +1,132 @@
+/* config_yaml.c: reads an experiment file into the configuration.
+ *
+ * A file is one mapping; nested mappings spell dotted keys, so
+ *     attention:
+ *       heads: 8
+ * and `attention.heads: 8` are the same key. Every value must be a scalar: lists and
+ * anchors are refused with the line they are on. Values are parsed by the key table,
+ * exactly as --set parses them.
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+#include <yaml.h>
+
+#include "launcher.h"
+
+#define MAX_DEPTH 8
+
+typedef struct walker {
+    yaml_parser_t parser;
+    spar_config *cfg;
+    const char *path;
+    spar_err *err;
+} walker;
+
+static int next_event(walker *w, yaml_event_t *ev) {
+    if (!yaml_parser_parse(&w->parser, ev))
+        return spar__err_set(w->err, SPAR_EFORMAT, "%s:%zu:%zu: YAML syntax error: %s", w->path,
+                             w->parser.problem_mark.line + 1, w->parser.problem_mark.column + 1,
+                             w->parser.problem ? w->parser.problem : "unknown problem");
+    return SPAR_OK;
+}
+
+static int line_of(const yaml_event_t *ev) {
+    return (int)ev->start_mark.line + 1;
+}
+
+static int walk_mapping(walker *w, const char *prefix, int depth);
+
+/* The value event after key `key` (already joined with the prefix). */
+static int walk_value(walker *w, const char *key, int depth) {
+    yaml_event_t ev;
+    SPAR_TRY(next_event(w, &ev));
+    int rc = SPAR_OK, line = line_of(&ev);
+    switch (ev.type) {
+    case YAML_SCALAR_EVENT:
+        rc = spar__config_set(w->cfg, key, (const char *)ev.data.scalar.value, SPAR_FROM_FILE,
+                              line, w->err);
+        if (rc != 0 && strstr(w->err->msg, w->path) == NULL) { /* say where */
+            char msg[sizeof w->err->msg];
+            memcpy(msg, w->err->msg, sizeof msg);
+            snprintf(w->err->msg, sizeof w->err->msg, "%s:%d: %.1900s", w->path, line, msg);
+        }
+        break;
+    case YAML_MAPPING_START_EVENT: rc = walk_mapping(w, key, depth + 1); break;
+    case YAML_SEQUENCE_START_EVENT:
+        rc = spar__err_set(w->err, SPAR_EINVAL, "%s:%d: key %s: expected a single value, got a list",
+                           w->path, line, key);
+        break;
+    default:
+        rc = spar__err_set(w->err, SPAR_EINVAL, "%s:%d: key %s: anchors and aliases are not "
+                           "supported", w->path, line, key);
+        break;
+    }
+    yaml_event_delete(&ev);
+    return rc;
+}
+
+static int walk_mapping(walker *w, const char *prefix, int depth) {
+    if (depth > MAX_DEPTH)
+        return spar__err_set(w->err, SPAR_EINVAL, "%s: mappings nested deeper than %d levels at "
+                             "key %s", w->path, MAX_DEPTH, prefix);
+    for (;;) {
+        yaml_event_t ev;
+        SPAR_TRY(next_event(w, &ev));
+        if (ev.type == YAML_MAPPING_END_EVENT) {
+            yaml_event_delete(&ev);
+            return SPAR_OK;
+        }
+        if (ev.type != YAML_SCALAR_EVENT) {
+            int line = line_of(&ev);
+            yaml_event_delete(&ev);
+            return spar__err_set(w->err, SPAR_EINVAL, "%s:%d: a key must be plain text", w->path,
+                                 line);
+        }
+        char key[256];
+        int n = snprintf(key, sizeof key, "%s%s%s", prefix, *prefix ? "." : "",
+                         (const char *)ev.data.scalar.value);
+        yaml_event_delete(&ev);
+        if (n < 0 || (size_t)n >= sizeof key)
+            return spar__err_set(w->err, SPAR_EINVAL, "%s: key '%.60s...' is too long", w->path,
+                                 key);
+        SPAR_TRY(walk_value(w, key, depth));
+    }
+}
+
+/* Stream start, document start, then the root mapping (or nothing: an empty file). */
+static int walk_document(walker *w) {
+    yaml_event_t ev;
+    for (;;) {
+        SPAR_TRY(next_event(w, &ev));
+        yaml_event_type_t type = ev.type;
+        int line = line_of(&ev);
+        yaml_event_delete(&ev);
+        if (type == YAML_STREAM_END_EVENT || type == YAML_DOCUMENT_END_EVENT)
+            return SPAR_OK;
+        if (type == YAML_STREAM_START_EVENT || type == YAML_DOCUMENT_START_EVENT)
+            continue;
+        if (type == YAML_MAPPING_START_EVENT)
+            return walk_mapping(w, "", 1);
+        if (type == YAML_SCALAR_EVENT && line == 1)
+            return spar__err_set(w->err, SPAR_EINVAL, "%s: expected a mapping of keys to values, "
+                                 "got a single value", w->path);
+        return spar__err_set(w->err, SPAR_EINVAL, "%s:%d: expected a mapping of keys to values",
+                             w->path, line);
+    }
+}
+
+int spar__config_load_yaml(spar_config *cfg, const char *path, spar_err *err) {
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return spar__err_set(err, SPAR_EIO, "cannot open experiment file '%s': %s", path,
+                             strerror(errno));
+    snprintf(cfg->file, sizeof cfg->file, "%s", path);
+    walker w = {.cfg = cfg, .path = path, .err = err};
+    yaml_parser_initialize(&w.parser);
+    yaml_parser_set_input_file(&w.parser, f);
+    int rc = walk_document(&w);
+    yaml_parser_delete(&w.parser);
+    fclose(f);
+    return rc;
+}

@@ -1,0 +1,186 @@
+/* launcher.h: the spar program's internal API (launcher room).
+ *
+ * The one key table (SPAR_KEY_LIST) drives the YAML parser, --set, validation,
+ * `spar config show`, the help texts and the schema document. A configuration is one
+ * typed value per key plus where it came from. Rank 0 validates it and packs it into a
+ * protobuf RunPlan that every rank unpacks, so all ranks run the same plan.
+ *
+ * Defines: the key table and spar_config; YAML and --set loading; validation; RunPlan
+ *          packing; .npy headers; tensor scatter/gather by partition; reports.
+ */
+#ifndef SPAR_LAUNCHER_H
+#define SPAR_LAUNCHER_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "spar.h"
+
+/* Exit codes of the spar program. */
+enum { SPAR_EXIT_OK = 0, SPAR_EXIT_FAILURE = 1, SPAR_EXIT_BAD_INPUT = 2, SPAR_EXIT_VERIFY = 3 };
+
+enum spar_key_type { SPAR_KT_BOOL, SPAR_KT_INT, SPAR_KT_FLOAT, SPAR_KT_ENUM, SPAR_KT_STRING };
+
+/* X(id, name, type, default, allowed, min, max, doc). For ENUM, `allowed` lists the
+ * values; for INT and FLOAT, [min, max] bounds the value ("auto" is accepted where the
+ * default is "auto"). */
+#define SPAR_KEY_LIST(X)                                                                       \
+    X(ATTN_TYPE, "attention.type", ENUM, "softmax", "softmax|linear", 0, 0,                     \
+      "attention kind (linear attention is not available yet)")                                \
+    X(ATTN_CAUSAL, "attention.causal", BOOL, "true", "true|false", 0, 0,                       \
+      "key j is visible to query i only when j <= i")                                          \
+    X(ATTN_HEADS, "attention.heads", INT, "8", "integer >= 1", 1, 65536, "query heads H")       \
+    X(ATTN_KV_HEADS, "attention.kv_heads", INT, "0", "integer dividing heads; 0 = heads", 0,   \
+      65536, "key/value heads G (G < H is GQA/MQA)")                                           \
+    X(ATTN_HEAD_DIM, "attention.head_dim", INT, "64", "integer >= 1", 1, 65536,                \
+      "head dimension d")                                                                      \
+    X(ATTN_SCALE, "attention.scale", FLOAT, "auto", "auto or a number > 0", 1e-30, 1e30,       \
+      "softmax scale; auto = 1/sqrt(head_dim)")                                                \
+    X(SEQ_LENGTH, "sequence.length", INT, "4096", "integer >= ranks (K, M, G = 2^10, 2^20, 2^30)", \
+      1, (double)(1LL << 40), "global sequence length N")                                      \
+    X(SEQ_PARTITION, "sequence.partition", ENUM, "zigzag", "contiguous|zigzag|stripe", 0, 0,   \
+      "how tokens are split over the ranks")                                                   \
+    X(PAR_METHOD, "parallel.method", ENUM, "ring", "ring|local|allgather|lasp1|lasp2", 0, 0,    \
+      "ring = K/V around a ring; local = whole sequence on rank 0 (reference)")               \
+    X(PAR_RANKS, "parallel.ranks", INT, "0", "integer >= 0", 0, 1 << 24,                       \
+      "ranks the plan needs; 0 = whatever mpirun/srun starts")                                 \
+    X(DATA_Q, "data.q", STRING, "", "path of a .npy file, float32 [N,H,d]", 0, 0,             \
+      "queries; random from data.seed when empty")                                             \
+    X(DATA_K, "data.k", STRING, "", "path of a .npy file, float32 [N,G,d]", 0, 0,             \
+      "keys; random from data.seed when empty")                                                \
+    X(DATA_V, "data.v", STRING, "", "path of a .npy file, float32 [N,G,d]", 0, 0,             \
+      "values; random from data.seed when empty")                                              \
+    X(DATA_SEED, "data.seed", INT, "1", "integer >= 0", 0, 9007199254740992.0,                 \
+      "seed of the random inputs (the same data whatever the partition)")                     \
+    X(OUT_O, "output.o", STRING, "", "path of a .npy file to write", 0, 0,                     \
+      "attention output [N,H,d] in global token order; empty = not written")                 \
+    X(OUT_LSE, "output.lse", STRING, "", "path of a .npy file to write", 0, 0,                 \
+      "log-sum-exp [N,H] in global token order; empty = not written")                        \
+    X(OUT_RESULTS, "output.results", STRING, "", "path of a JSON-lines file", 0, 0,            \
+      "one record per run is appended here; empty = none")                                     \
+    X(RUN_NAME, "run.name", STRING, "", "any text", 0, 0, "a label carried into the record")   \
+    X(RUN_VERIFY, "run.verify", BOOL, "false", "true|false", 0, 0,                             \
+      "recompute on rank 0 with the local method and report the error")                        \
+    X(RUN_VERIFY_TOL, "run.verify_tol", FLOAT, "1e-4", "number > 0", 1e-30, 1.0,               \
+      "largest relative L2 error that run.verify accepts (exit 3 beyond)")                     \
+    X(RUN_KERNEL, "run.kernel", ENUM, "auto", "auto|scalar", 0, 0, "kernel backend")           \
+    X(RUN_QUERY_BLOCK, "run.query_block", INT, "256", "integer >= 1", 1, 1 << 30,              \
+      "queries per kernel call; the ring makes progress between calls")                        \
+    X(COMM_TRANSPORT, "comm.transport", ENUM, "auto", "auto|ucx|ob1", 0, 0,                    \
+      "Open MPI PML: ucx where UCX works (auto), or ob1")
+
+enum spar_key_id {
+#define SPAR_KEY_ENUM(id, ...) SPAR_KEY_##id,
+    SPAR_KEY_LIST(SPAR_KEY_ENUM)
+#undef SPAR_KEY_ENUM
+        SPAR_KEY_COUNT
+};
+
+typedef struct spar_key {
+    const char *name;
+    enum spar_key_type type;
+    const char *def;
+    const char *allowed;
+    double min, max;
+    const char *doc;
+} spar_key;
+
+extern const spar_key spar__keys[SPAR_KEY_COUNT];
+
+enum spar_origin { SPAR_FROM_DEFAULT = 0, SPAR_FROM_FILE = 1, SPAR_FROM_COMMAND_LINE = 2 };
+
+typedef struct spar_value {
+    bool b;
+    int64_t i;
+    double f; /* NAN for "auto" */
+    char s[1024];
+} spar_value;
+
+typedef struct spar_config {
+    spar_value v[SPAR_KEY_COUNT];
+    enum spar_origin origin[SPAR_KEY_COUNT];
+    int line[SPAR_KEY_COUNT]; /* line in the file where the key was set */
+    char file[1024];
+} spar_config;
+
+/* Error text is written to err (one line naming the key, the value and what is
+ * allowed); functions return 0 or a negative SPAR_E* status. */
+typedef struct spar_err {
+    char msg[2048];
+} spar_err;
+int spar__err_set(spar_err *err, int status, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+/* keys.c */
+void spar__config_defaults(spar_config *cfg);
+int spar__key_find(const char *name);
+int spar__config_set(spar_config *cfg, const char *name, const char *text, enum spar_origin origin,
+                     int line, spar_err *err);
+int spar__config_set_arg(spar_config *cfg, const char *assignment, spar_err *err);
+void spar__value_format(const spar_config *cfg, int id, char *out, size_t len);
+const char *spar__origin_name(enum spar_origin origin);
+
+/* config_yaml.c: every scalar of the file under its dotted key. */
+int spar__config_load_yaml(spar_config *cfg, const char *path, spar_err *err);
+
+/* validate.c: cross-key rules; world_size 0 = not known (config check). */
+int spar__config_validate(spar_config *cfg, int world_size, spar_err *err);
+
+/* plan.c: RunPlan packing. *out is malloc'ed. */
+int spar__plan_pack(const spar_config *cfg, int world_size, uint8_t **out, size_t *len);
+int spar__plan_unpack(spar_config *cfg, const uint8_t *buf, size_t len, spar_err *err);
+
+/* npy.c */
+typedef struct spar_npy_info {
+    int ndim;
+    int64_t shape[8];
+    char descr[16];
+    bool fortran_order;
+    int64_t data_offset;
+} spar_npy_info;
+int spar__npy_read_info(const char *path, spar_npy_info *info, spar_err *err);
+/* Checks an input file for key `key`: float32, C order, exactly `shape`. */
+int spar__npy_check(const char *key, const char *path, int ndim, const int64_t *shape,
+                    spar_npy_info *info, spar_err *err);
+/* Writes a v1.0 header for float32 C-order `shape`; returns the data offset or < 0. */
+int64_t spar__npy_write_header(int fd, int ndim, const int64_t *shape);
+
+/* tensor_io.c: rows of [N, row_floats] tensors, moved by partition. */
+typedef struct spar_row_source {
+    const char *path;       /* .npy file read by rank 0, or NULL for random data */
+    int64_t data_offset;
+    uint64_t seed, stream;  /* random data: value = f(seed, stream, row, column) */
+} spar_row_source;
+int spar__rows_scatter(spar_comm *comm, const spar_partition *part, const spar_row_source *src,
+                       int64_t row_floats, float *local);
+int spar__rows_fill(const spar_row_source *src, const spar_partition *part, int rank,
+                    int64_t row_floats, float *out);
+/* Rank 0 writes an .npy of shape [N, dims...] atomically (temporary file, rename). */
+int spar__rows_write_npy(spar_comm *comm, const spar_partition *part, const char *path, int ndim,
+                         const int64_t *shape, const float *local);
+/* Rank 0 receives the whole tensor in global order into full ([N, row_floats]). */
+int spar__rows_gather(spar_comm *comm, const spar_partition *part, int64_t row_floats,
+                      const float *local, float *full);
+
+/* report.c */
+typedef struct spar_run_result {
+    const spar_config *cfg;
+    int ranks;
+    double seconds, gflops_per_s, flops;
+    double compute_seconds, wait_seconds;
+    double *bytes_sent;     /* [ranks] */
+    double *peak_mib;       /* [ranks] */
+    char *hosts;            /* [ranks][64] */
+    bool verified;
+    double err_o, err_lse;  /* relative L2 vs the local method */
+    const char *transport, *library;
+} spar_run_result;
+void spar__print_settings(const spar_config *cfg, int ranks, const char *transport);
+void spar__print_result_table(const spar_run_result *res);
+int spar__append_record(const char *path, const spar_run_result *res);
+void spar__config_print(const spar_config *cfg, bool with_origin);
+void spar__print_key_help(void);
+void spar__print_schema_markdown(void);
+
+#endif

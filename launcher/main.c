@@ -1,0 +1,216 @@
+/* main.c: the spar program: command line, plan distribution, exit codes.
+ *
+ *   spar run [FILE.yaml] [--set KEY=VALUE]...     (under mpirun or srun)
+ *   spar config show|check FILE [--set KEY=VALUE]...
+ *   spar config schema                              (the key table as Markdown)
+ *
+ * Exit codes: 0 success, 1 runtime failure, 2 bad input (usage, configuration, data),
+ * 3 verification failed.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "launcher.h"
+
+int spar__run_plan(spar_comm *comm, const spar_config *cfg);
+
+typedef struct cli {
+    const char *file;
+    const char **sets;
+    int nsets;
+    bool help;
+} cli;
+
+static void usage(FILE *out) {
+    fprintf(out,
+            "spar: sequence-parallel attention over MPI ranks\n\n"
+            "usage:\n"
+            "  mpirun -np P spar run [FILE.yaml] [--set KEY=VALUE]...   run an experiment\n"
+            "  spar config show FILE [--set KEY=VALUE]...   print the effective configuration\n"
+            "  spar config check FILE [--set KEY=VALUE]...  validate without running\n"
+            "  spar config schema                           the keys as a Markdown table\n"
+            "  spar --help | spar run --help | spar --version\n\n"
+            "Values on the command line win over the file; the file wins over defaults.\n"
+            "Exit codes: 0 ok, 1 runtime failure, 2 bad input, 3 verification failed.\n"
+            "Fault-injection hook for tests: SPAR_TEST_FAULT=ring:R makes rank R's ring send\n"
+            "fail inside MPI.\n\n");
+}
+
+/* Before MPI_Init we do not know our rank; the launchers tell us in the environment.
+ * Used so that a usage error is printed once, not once per rank. */
+static int rank_from_environment(void) {
+    static const char *vars[] = {"OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID"};
+    for (size_t i = 0; i < sizeof vars / sizeof vars[0]; i++) {
+        const char *v = getenv(vars[i]);
+        if (v && *v)
+            return atoi(v);
+    }
+    return 0;
+}
+
+static int usage_error(const char *fmt, const char *arg) {
+    if (rank_from_environment() == 0) {
+        fprintf(stderr, "error: ");
+        fprintf(stderr, fmt, arg);
+        fprintf(stderr, " (see spar --help)\n");
+    }
+    return SPAR_EXIT_BAD_INPUT;
+}
+
+static int parse_cli(int argc, char **argv, cli *out, bool file_required) {
+    *out = (cli){0};
+    out->sets = calloc((size_t)argc + 1, sizeof(char *));
+    for (int i = 0; i < argc; i++) {
+        const char *a = argv[i];
+        if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
+            out->help = true;
+        } else if (strcmp(a, "--set") == 0 || strcmp(a, "-s") == 0) {
+            if (i + 1 >= argc)
+                return usage_error("%s needs KEY=VALUE", a);
+            out->sets[out->nsets++] = argv[++i];
+        } else if (strncmp(a, "--set=", 6) == 0) {
+            out->sets[out->nsets++] = a + 6;
+        } else if (a[0] == '-') {
+            return usage_error("unknown option '%s'", a);
+        } else if (out->file) {
+            return usage_error("more than one experiment file ('%s')", a);
+        } else {
+            out->file = a;
+        }
+    }
+    if (file_required && !out->file && !out->help)
+        return usage_error("%s", "an experiment FILE is required");
+    return 0;
+}
+
+/* Defaults, then the file, then --set: the command line wins. */
+static int load_config(const cli *c, spar_config *cfg, spar_err *err) {
+    spar__config_defaults(cfg);
+    if (c->file)
+        SPAR_TRY(spar__config_load_yaml(cfg, c->file, err));
+    for (int i = 0; i < c->nsets; i++)
+        SPAR_TRY(spar__config_set_arg(cfg, c->sets[i], err));
+    return SPAR_OK;
+}
+
+static int cmd_config(int argc, char **argv) {
+    if (argc < 1)
+        return usage_error("%s", "config needs show, check or schema");
+    if (strcmp(argv[0], "schema") == 0) {
+        spar__print_schema_markdown();
+        return SPAR_EXIT_OK;
+    }
+    bool show = strcmp(argv[0], "show") == 0;
+    if (!show && strcmp(argv[0], "check") != 0)
+        return usage_error("unknown config command '%s' (allowed: show|check|schema)", argv[0]);
+    cli c;
+    int code = parse_cli(argc - 1, argv + 1, &c, true);
+    spar_config *cfg = malloc(sizeof *cfg);
+    spar_err err;
+    if (code == 0 && c.help) {
+        usage(stdout);
+        spar__print_key_help();
+    } else if (code == 0 && cfg) {
+        int world = 0; /* unknown outside a job: parallel.ranks stands in for it */
+        if (load_config(&c, cfg, &err) != 0 || spar__config_validate(cfg, world, &err) != 0) {
+            fprintf(stderr, "error: %s\n", err.msg);
+            code = SPAR_EXIT_BAD_INPUT;
+        } else if (show) {
+            spar__config_print(cfg, true);
+        } else {
+            printf("%s: ok\n", c.file);
+        }
+    }
+    free(cfg);
+    free(c.sets);
+    return code;
+}
+
+/* Rank 0 loads and validates, then broadcasts the packed plan (or a negative status
+ * in place of its length); every rank returns the same status. */
+static int distribute_plan(spar_comm *comm, const cli *c, spar_config *cfg) {
+    int64_t len = 0;
+    uint8_t *buf = NULL;
+    spar_err err = {""};
+    if (spar_comm_rank(comm) == 0) {
+        int rc = load_config(c, cfg, &err);
+        if (rc == 0)
+            rc = spar__config_validate(cfg, spar_comm_size(comm), &err);
+        size_t packed = 0;
+        if (rc == 0)
+            rc = spar__plan_pack(cfg, spar_comm_size(comm), &buf, &packed);
+        if (rc != 0)
+            spar_log_error("%s", err.msg[0] ? err.msg : spar_strerror(rc));
+        len = rc != 0 ? rc : (int64_t)packed;
+    }
+    SPAR_TRY(spar_comm_bcast(comm, &len, sizeof len, 0));
+    if (len < 0) {
+        free(buf);
+        return (int)len;
+    }
+    if (spar_comm_rank(comm) != 0 && !(buf = malloc((size_t)len + 1)))
+        return SPAR_ENOMEM;
+    int rc = spar_comm_bcast(comm, buf, (size_t)len, 0);
+    if (rc == 0 && spar_comm_rank(comm) != 0 && (rc = spar__plan_unpack(cfg, buf, (size_t)len, &err)))
+        spar_log_error("%s", err.msg);
+    free(buf);
+    return rc;
+}
+
+static int cmd_run(int argc, char **argv) {
+    cli c;
+    int code = parse_cli(argc, argv, &c, false);
+    if (code != 0 || c.help) {
+        if (c.help && rank_from_environment() == 0) {
+            usage(stdout);
+            spar__print_key_help();
+        }
+        free(c.sets);
+        return code;
+    }
+    spar_config *cfg = calloc(1, sizeof *cfg);
+    spar_err err;
+    /* The transport must be chosen before MPI starts, so every rank reads it from the
+     * same file and flags now; any error here is reported by rank 0 after start-up. */
+    const char *transport = "auto";
+    if (cfg && load_config(&c, cfg, &err) == 0)
+        transport = cfg->v[SPAR_KEY_COMM_TRANSPORT].s;
+    spar_comm_prepare_transport(transport);
+    spar_comm *comm = NULL;
+    if (!cfg || spar_comm_init(&comm, &argc, &argv) != 0) {
+        free(cfg);
+        free(c.sets);
+        return SPAR_EXIT_FAILURE;
+    }
+    int rc = distribute_plan(comm, &c, cfg);
+    if (rc != 0)
+        code = spar_status_is_input_error(rc) ? SPAR_EXIT_BAD_INPUT : SPAR_EXIT_FAILURE;
+    else
+        code = spar__run_plan(comm, cfg);
+    spar_comm_free(comm);
+    free(cfg);
+    free(c.sets);
+    return code;
+}
+
+int main(int argc, char **argv) {
+    const char *level = getenv("SPAR_LOG");
+    if (level && strcmp(level, "debug") == 0)
+        spar_log_set_level(SPAR_LOG_DEBUG);
+    if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
+        usage(argc < 2 ? stderr : stdout);
+        if (argc >= 2)
+            spar__print_key_help();
+        return argc < 2 ? SPAR_EXIT_BAD_INPUT : SPAR_EXIT_OK;
+    }
+    if (strcmp(argv[1], "--version") == 0) {
+        printf("spar %s\n", SPAR_VERSION);
+        return SPAR_EXIT_OK;
+    }
+    if (strcmp(argv[1], "run") == 0)
+        return cmd_run(argc - 2, argv + 2);
+    if (strcmp(argv[1], "config") == 0)
+        return cmd_config(argc - 2, argv + 2);
+    return usage_error("unknown command '%s' (allowed: run, config)", argv[1]);
+}

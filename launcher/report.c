@@ -1,0 +1,216 @@
+/* report.c: what rank 0 shows and records: the settings, the result table, JSON lines,
+ * and the documentation of every key (help text and schema), all from the key table. */
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "launcher.h"
+
+#ifndef SPAR_GIT_COMMIT
+#define SPAR_GIT_COMMIT "unknown"
+#endif
+#ifndef SPAR_VERSION
+#define SPAR_VERSION "0.1.0"
+#endif
+
+static const char *type_name(enum spar_key_type t) {
+    switch (t) {
+    case SPAR_KT_BOOL: return "bool";
+    case SPAR_KT_INT: return "int";
+    case SPAR_KT_FLOAT: return "float";
+    case SPAR_KT_ENUM: return "enum";
+    case SPAR_KT_STRING: return "string";
+    }
+    return "?";
+}
+
+void spar__config_print(const spar_config *cfg, bool with_origin) {
+    char val[1100];
+    for (int i = 0; i < SPAR_KEY_COUNT; i++) {
+        spar__value_format(cfg, i, val, sizeof val);
+        bool quote = spar__keys[i].type == SPAR_KT_STRING;
+        if (with_origin)
+            printf("%-20s %s%s%s%*s# %s\n", spar__keys[i].name, quote ? "\"" : "", val,
+                   quote ? "\"" : "", (int)(24 - strlen(val) - (quote ? 2 : 0)) > 0
+                   ? (int)(24 - strlen(val) - (quote ? 2 : 0)) : 1, "",
+                   spar__origin_name(cfg->origin[i]));
+        else
+            printf("%s: %s%s%s\n", spar__keys[i].name, quote ? "\"" : "", val, quote ? "\"" : "");
+    }
+}
+
+void spar__print_settings(const spar_config *cfg, int ranks, const char *transport) {
+    if (spar_log_rank() > 0)
+        return;
+    printf("# spar %s (%s)  ranks=%d  transport=%s\n", SPAR_VERSION, SPAR_GIT_COMMIT, ranks,
+           transport);
+    printf("# settings%s%s\n", *cfg->file ? " from " : "", cfg->file);
+    char val[1100];
+    for (int i = 0; i < SPAR_KEY_COUNT; i++) {
+        spar__value_format(cfg, i, val, sizeof val);
+        printf("#   %-20s = %-28s (%s)\n", spar__keys[i].name, *val ? val : "-",
+               spar__origin_name(cfg->origin[i]));
+    }
+    fflush(stdout);
+}
+
+static double max_of(const double *x, int n) {
+    double m = 0.0;
+    for (int i = 0; i < n; i++)
+        m = x[i] > m ? x[i] : m;
+    return m;
+}
+
+void spar__print_result_table(const spar_run_result *res) {
+    const spar_config *c = res->cfg;
+    char err[32] = "-";
+    if (res->verified)
+        snprintf(err, sizeof err, "%.2e", fmax(res->err_o, res->err_lse));
+    printf("#%7s %5s %9s %5s %8s %8s %10s %6s %9s %9s %13s %13s %11s\n", "method", "ranks", "N",
+           "heads", "kv_heads", "head_dim", "partition", "causal", "time_s", "GFLOP/s",
+           "sent_MiB/rank", "peak_MiB/rank", "max_rel_err");
+    printf("%8s %5d %9lld %5lld %8lld %8lld %10s %6s %9.3f %9.2f %13.2f %13.1f %11s\n",
+           c->v[SPAR_KEY_PAR_METHOD].s, res->ranks, (long long)c->v[SPAR_KEY_SEQ_LENGTH].i,
+           (long long)c->v[SPAR_KEY_ATTN_HEADS].i, (long long)c->v[SPAR_KEY_ATTN_KV_HEADS].i,
+           (long long)c->v[SPAR_KEY_ATTN_HEAD_DIM].i, c->v[SPAR_KEY_SEQ_PARTITION].s,
+           c->v[SPAR_KEY_ATTN_CAUSAL].b ? "true" : "false", res->seconds, res->gflops_per_s,
+           max_of(res->bytes_sent, res->ranks) / 1048576.0, max_of(res->peak_mib, res->ranks),
+           err);
+    fflush(stdout);
+}
+
+/* JSON string with the characters JSON requires escaped. */
+static void json_string(FILE *f, const char *s) {
+    fputc('"', f);
+    for (; *s; s++) {
+        unsigned char ch = (unsigned char)*s;
+        if (ch == '"' || ch == '\\')
+            fprintf(f, "\\%c", ch);
+        else if (ch < 0x20)
+            fprintf(f, "\\u%04x", ch);
+        else
+            fputc(ch, f);
+    }
+    fputc('"', f);
+}
+
+static void json_number(FILE *f, double x) {
+    if (isfinite(x))
+        fprintf(f, "%.9g", x);
+    else
+        fputs("null", f);
+}
+
+static void json_array(FILE *f, const char *name, const double *x, int n) {
+    fprintf(f, ",\"%s\":[", name);
+    for (int i = 0; i < n; i++) {
+        if (i)
+            fputc(',', f);
+        json_number(f, x[i]);
+    }
+    fputc(']', f);
+}
+
+static void json_settings(FILE *f, const spar_config *cfg) {
+    char val[1100];
+    fputs("\"settings\":{", f);
+    for (int i = 0; i < SPAR_KEY_COUNT; i++) {
+        fprintf(f, "%s\"%s\":", i ? "," : "", spar__keys[i].name);
+        spar__value_format(cfg, i, val, sizeof val);
+        if (spar__keys[i].type == SPAR_KT_BOOL || spar__keys[i].type == SPAR_KT_INT)
+            fputs(val, f);
+        else if (spar__keys[i].type == SPAR_KT_FLOAT && !isnan(cfg->v[i].f))
+            json_number(f, cfg->v[i].f);
+        else
+            json_string(f, val);
+    }
+    fputc('}', f);
+}
+
+/* One record, written with a single write() on an O_APPEND file so that a record is
+ * never interleaved with another writer's or left half-written by us. */
+int spar__append_record(const char *path, const spar_run_result *res) {
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&buf, &len);
+    if (!f)
+        return SPAR_ENOMEM;
+    char when[32];
+    time_t now = time(NULL);
+    strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", gmtime(&now));
+    fprintf(f, "{\"spar_version\":\"%s\",\"git_commit\":\"%s\",\"time\":\"%s\",", SPAR_VERSION,
+            SPAR_GIT_COMMIT, when);
+    json_settings(f, res->cfg);
+    fprintf(f, ",\"config_file\":");
+    json_string(f, res->cfg->file);
+    fprintf(f, ",\"ranks\":%d,\"seconds\":", res->ranks);
+    json_number(f, res->seconds);
+    fprintf(f, ",\"compute_seconds\":");
+    json_number(f, res->compute_seconds);
+    fprintf(f, ",\"wait_seconds\":");
+    json_number(f, res->wait_seconds);
+    fprintf(f, ",\"flops\":");
+    json_number(f, res->flops);
+    fprintf(f, ",\"gflops_per_s\":");
+    json_number(f, res->gflops_per_s);
+    json_array(f, "bytes_sent_per_rank", res->bytes_sent, res->ranks);
+    json_array(f, "peak_mib_per_rank", res->peak_mib, res->ranks);
+    fputs(",\"hosts\":[", f);
+    for (int r = 0; r < res->ranks; r++) {
+        if (r)
+            fputc(',', f);
+        json_string(f, res->hosts + 64 * r);
+    }
+    fputs("],\"verified\":", f);
+    fputs(res->verified ? "true" : "false", f);
+    fputs(",\"rel_err_o\":", f);
+    json_number(f, res->verified ? res->err_o : NAN);
+    fputs(",\"rel_err_lse\":", f);
+    json_number(f, res->verified ? res->err_lse : NAN);
+    fputs(",\"transport\":", f);
+    json_string(f, res->transport);
+    fputs(",\"mpi_library\":", f);
+    json_string(f, res->library);
+    fputs("}\n", f);
+    fclose(f);
+    int rc = SPAR_OK, fd = open(path, O_WRONLY | O_CREAT | O_APPEND, 0644);
+    if (fd < 0 || write(fd, buf, len) != (ssize_t)len)
+        rc = spar_errorf(SPAR_EIO, "key output.results: cannot append to '%s': %s", path,
+                         strerror(errno));
+    if (fd >= 0)
+        close(fd);
+    free(buf);
+    return rc;
+}
+
+void spar__print_key_help(void) {
+    printf("Keys (set them in the YAML file, nested or dotted, or with --set KEY=VALUE):\n");
+    for (int i = 0; i < SPAR_KEY_COUNT; i++) {
+        const spar_key *k = &spar__keys[i];
+        printf("  %-20s %-6s default %-10s %s\n  %20s        allowed: %s\n", k->name,
+               type_name(k->type), *k->def ? k->def : "\"\"", k->doc, "", k->allowed);
+    }
+}
+
+/* Markdown table cells cannot hold a bare '|'. */
+static void markdown_cell(const char *text) {
+    for (; *text; text++)
+        fputs(*text == '|' ? "\\|" : (char[]){*text, 0}, stdout);
+}
+
+void spar__print_schema_markdown(void) {
+    printf("| key | type | default | allowed | meaning |\n|---|---|---|---|---|\n");
+    for (int i = 0; i < SPAR_KEY_COUNT; i++) {
+        const spar_key *k = &spar__keys[i];
+        printf("| `%s` | %s | `%s` | ", k->name, type_name(k->type), k->def);
+        markdown_cell(k->allowed);
+        printf(" | ");
+        markdown_cell(k->doc);
+        printf(" |\n");
+    }
+}

@@ -1,0 +1,120 @@
+/* validate.c: rules that involve several keys, the world size or the file system.
+ *
+ * Run on rank 0 before the plan is broadcast (and by `spar config check`), so that bad
+ * input stops the job before any rank allocates or computes anything.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "launcher.h"
+
+static int64_t key_int(const spar_config *cfg, int id) {
+    return cfg->v[id].i;
+}
+
+static const char *key_str(const spar_config *cfg, int id) {
+    return cfg->v[id].s;
+}
+
+static int check_methods(const spar_config *cfg, spar_err *err) {
+    if (strcmp(key_str(cfg, SPAR_KEY_ATTN_TYPE), "softmax") != 0)
+        return spar__err_set(err, SPAR_EUNSUP, "key attention.type: '%s' is not available yet "
+                             "(allowed now: softmax)", key_str(cfg, SPAR_KEY_ATTN_TYPE));
+    const char *method = key_str(cfg, SPAR_KEY_PAR_METHOD);
+    if (strcmp(method, "ring") != 0 && strcmp(method, "local") != 0)
+        return spar__err_set(err, SPAR_EUNSUP, "key parallel.method: '%s' is not available yet "
+                             "(allowed now: ring|local)", method);
+    return SPAR_OK;
+}
+
+static int check_heads(spar_config *cfg, spar_err *err) {
+    int64_t h = key_int(cfg, SPAR_KEY_ATTN_HEADS), g = key_int(cfg, SPAR_KEY_ATTN_KV_HEADS);
+    if (g == 0) /* resolve the default here so that every rank sees the same number */
+        cfg->v[SPAR_KEY_ATTN_KV_HEADS].i = g = h;
+    if (g > h || h % g != 0)
+        return spar__err_set(err, SPAR_EINVAL, "key attention.kv_heads: %lld does not divide "
+                             "attention.heads=%lld (allowed: a divisor of the heads)",
+                             (long long)g, (long long)h);
+    return SPAR_OK;
+}
+
+static int check_ranks(const spar_config *cfg, int world_size, spar_err *err) {
+    int64_t want = key_int(cfg, SPAR_KEY_PAR_RANKS), n = key_int(cfg, SPAR_KEY_SEQ_LENGTH);
+    if (world_size > 0 && want > 0 && want != world_size)
+        return spar__err_set(err, SPAR_EINVAL, "key parallel.ranks: the plan needs %lld ranks but "
+                             "the job has %d (start it with -np %lld, or set parallel.ranks=0)",
+                             (long long)want, world_size, (long long)want);
+    int64_t p = world_size > 0 ? world_size : want;
+    if (p > 0 && n < p)
+        return spar__err_set(err, SPAR_EINVAL, "key sequence.length: %lld is smaller than the "
+                             "number of ranks (%lld): every rank needs at least one token",
+                             (long long)n, (long long)p);
+    return SPAR_OK;
+}
+
+/* An element count times bytes that must fit in memory addresses at all. */
+static int check_sizes(const spar_config *cfg, spar_err *err) {
+    double n = (double)key_int(cfg, SPAR_KEY_SEQ_LENGTH);
+    double row = (double)key_int(cfg, SPAR_KEY_ATTN_HEADS) * (double)key_int(cfg, SPAR_KEY_ATTN_HEAD_DIM);
+    if (n * row * 4.0 > 9.0e18)
+        return spar__err_set(err, SPAR_EINVAL, "sequence.length x heads x head_dim = %.3g elements "
+                             "is too large to address", n * row);
+    return SPAR_OK;
+}
+
+/* The directory of `path` must accept a new file: try one. */
+static int check_writable(const char *key, const char *path, spar_err *err) {
+    char dir[PATH_MAX];
+    snprintf(dir, sizeof dir, "%s", path);
+    char *slash = strrchr(dir, '/');
+    if (!slash)
+        snprintf(dir, sizeof dir, ".");
+    else if (slash == dir)
+        dir[1] = '\0';
+    else
+        *slash = '\0';
+    char probe[PATH_MAX + 32];
+    snprintf(probe, sizeof probe, "%s/.spar-probe-%d", dir, (int)getpid());
+    int fd = open(probe, O_WRONLY | O_CREAT | O_EXCL, 0600);
+    if (fd < 0)
+        return spar__err_set(err, SPAR_EIO, "key %s: cannot write '%s': directory '%s': %s", key,
+                             path, dir, strerror(errno));
+    close(fd);
+    unlink(probe);
+    return SPAR_OK;
+}
+
+static int check_inputs(const spar_config *cfg, spar_err *err) {
+    int64_t n = key_int(cfg, SPAR_KEY_SEQ_LENGTH), d = key_int(cfg, SPAR_KEY_ATTN_HEAD_DIM);
+    int64_t shape_q[3] = {n, key_int(cfg, SPAR_KEY_ATTN_HEADS), d};
+    int64_t shape_kv[3] = {n, key_int(cfg, SPAR_KEY_ATTN_KV_HEADS), d};
+    static const struct { int id; int is_q; } inputs[] = {
+        {SPAR_KEY_DATA_Q, 1}, {SPAR_KEY_DATA_K, 0}, {SPAR_KEY_DATA_V, 0}};
+    for (size_t i = 0; i < 3; i++) {
+        const char *path = key_str(cfg, inputs[i].id);
+        spar_npy_info info;
+        if (*path)
+            SPAR_TRY(spar__npy_check(spar__keys[inputs[i].id].name, path, 3,
+                                     inputs[i].is_q ? shape_q : shape_kv, &info, err));
+    }
+    return SPAR_OK;
+}
+
+int spar__config_validate(spar_config *cfg, int world_size, spar_err *err) {
+    SPAR_TRY(check_methods(cfg, err));
+    SPAR_TRY(check_heads(cfg, err));
+    SPAR_TRY(check_ranks(cfg, world_size, err));
+    SPAR_TRY(check_sizes(cfg, err));
+    SPAR_TRY(check_inputs(cfg, err));
+    static const int outputs[] = {SPAR_KEY_OUT_O, SPAR_KEY_OUT_LSE, SPAR_KEY_OUT_RESULTS};
+    for (size_t i = 0; i < sizeof outputs / sizeof outputs[0]; i++) {
+        const char *path = key_str(cfg, outputs[i]);
+        if (*path)
+            SPAR_TRY(check_writable(spar__keys[outputs[i]].name, path, err));
+    }
+    return SPAR_OK;
+}
