@@ -195,7 +195,7 @@ int spar_local_attn_forward(const spar_softmax_problem *prob, const float *q, co
         for (int b = 0; b < c.ngroups && rc == 0; b++)
             rc = run_group_pair(&job, &qg, &c, &c.groups[b], k, v);
         if (prob->progress)
-            prob->progress(prob->progress_ctx, "local", i + qg.len, c.len);
+            prob->progress(prob->progress_ctx, "local method, queries", i + qg.len, c.len);
     }
     free(c.pos);
     if (metrics) {

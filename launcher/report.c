@@ -207,7 +207,8 @@ void spar__print_schema_markdown(void) {
     printf("| key | type | default | allowed | meaning |\n|---|---|---|---|---|\n");
     for (int i = 0; i < SPAR_KEY_COUNT; i++) {
         const spar_key *k = &spar__keys[i];
-        printf("| `%s` | %s | `%s` | ", k->name, type_name(k->type), k->def);
+        printf("| `%s` | %s | %s%s%s | ", k->name, type_name(k->type), *k->def ? "`" : "",
+               *k->def ? k->def : "(empty)", *k->def ? "`" : "");
         markdown_cell(k->allowed);
         printf(" | ");
         markdown_cell(k->doc);
