@@ -10,10 +10,8 @@
 #include <unistd.h>
 
 #include "launcher.h"
+#include "spar_git.h" /* defines: SPAR_GIT_COMMIT (written at build time) */
 
-#ifndef SPAR_GIT_COMMIT
-#define SPAR_GIT_COMMIT "unknown"
-#endif
 #ifndef SPAR_VERSION
 #define SPAR_VERSION "0.1.0"
 #endif

@@ -8,6 +8,7 @@
 #include <limits.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "launcher.h"
@@ -68,6 +69,10 @@ static int check_sizes(const spar_config *cfg, spar_err *err) {
 
 /* The directory of `path` must accept a new file: try one. */
 static int check_writable(const char *key, const char *path, spar_err *err) {
+    struct stat st;
+    if (stat(path, &st) == 0 && S_ISDIR(st.st_mode))
+        return spar__err_set(err, SPAR_EIO, "key %s: '%s' is a directory (allowed: a file path)",
+                             key, path);
     char dir[PATH_MAX];
     snprintf(dir, sizeof dir, "%s", path);
     char *slash = strrchr(dir, '/');

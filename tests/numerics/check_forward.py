@@ -124,7 +124,15 @@ def verify_case(np_ranks, tmp):
         record = json.loads(f.readlines()[-1])
     err = max(record["rel_err_o"], record["rel_err_lse"])
     assert record["verified"] and err <= REL_L2_TOL, record
-    print(f"ok - np={np_ranks} random inputs with run.verify: rel L2 {err:.2e}")
+    # Ring traffic: each rank forwards every block except the one of rank+1, as K and V
+    # (G=2, d=40, fp32). Zigzag lengths: chunks r and 2P-1-r of 2P near-equal chunks.
+    chunks = [n // (2 * np_ranks) + (c < n % (2 * np_ranks)) for c in range(2 * np_ranks)]
+    lengths = [chunks[r] + chunks[2 * np_ranks - 1 - r] for r in range(np_ranks)]
+    expected = [0 if np_ranks == 1 else 2 * 2 * 40 * 4 * (n - lengths[(r + 1) % np_ranks])
+                for r in range(np_ranks)]
+    assert record["bytes_sent_per_rank"] == expected, (record["bytes_sent_per_rank"], expected)
+    print(f"ok - np={np_ranks} random inputs with run.verify: rel L2 {err:.2e}, "
+          f"ring bytes per rank {expected}")
     return err
 
 
@@ -148,6 +156,9 @@ def main():
                 worst = max(worst, file_case(args.np, tmp, rng, n, h, g, d, partition, causal))
         worst = max(worst, file_case(args.np, tmp, rng, awkward_length(args.np, 53), 2, 1, 1,
                                      "zigzag", True, scale=0.7))
+        # The smallest legal sequences: one token per rank, and N < 2P for zigzag.
+        worst = max(worst, file_case(args.np, tmp, rng, args.np, 2, 1, 5, "zigzag", True))
+        worst = max(worst, file_case(args.np, tmp, rng, args.np + 1, 2, 2, 3, "stripe", True))
         if args.np == 1:
             for causal in (True, False):
                 worst = max(worst, file_case(1, tmp, rng, 45, 4, 2, 24, "contiguous", causal,
