@@ -37,11 +37,27 @@ static int line_of(const yaml_event_t *ev) {
 
 static int walk_mapping(walker *w, const char *prefix, int depth);
 
+/* Anchors invite aliases, which would make one line set several keys: refuse both. */
+static const unsigned char *anchor_of(const yaml_event_t *ev) {
+    if (ev->type == YAML_SCALAR_EVENT)
+        return ev->data.scalar.anchor;
+    if (ev->type == YAML_MAPPING_START_EVENT)
+        return ev->data.mapping_start.anchor;
+    if (ev->type == YAML_SEQUENCE_START_EVENT)
+        return ev->data.sequence_start.anchor;
+    return NULL;
+}
+
 /* The value event after key `key` (already joined with the prefix). */
 static int walk_value(walker *w, const char *key, int depth) {
     yaml_event_t ev;
     SPAR_TRY(next_event(w, &ev));
     int rc = SPAR_OK, line = line_of(&ev);
+    if (anchor_of(&ev)) {
+        yaml_event_delete(&ev);
+        return spar__err_set(w->err, SPAR_EINVAL, "%s:%d: key %s: anchors and aliases are not "
+                             "supported", w->path, line, key);
+    }
     switch (ev.type) {
     case YAML_SCALAR_EVENT:
         rc = spar__config_set(w->cfg, key, (const char *)ev.data.scalar.value, SPAR_FROM_FILE,

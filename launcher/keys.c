@@ -151,7 +151,7 @@ static int parse_value(const spar_key *k, const char *text, spar_value *v, spar_
             bad = "is not an integer (or is too large)";
             goto fail;
         }
-        if ((double)v->i < k->min || (double)v->i > k->max) {
+        if (v->i < (int64_t)k->min || v->i > (int64_t)k->max) {
             bad = "is out of range";
             goto fail;
         }
@@ -223,6 +223,16 @@ int spar__config_set_arg(spar_config *cfg, const char *assignment, spar_err *err
     memcpy(name, assignment, len);
     name[len] = '\0';
     return spar__config_set(cfg, name, eq + 1, SPAR_FROM_COMMAND_LINE, 0, err);
+}
+
+int spar__config_recheck(const spar_config *cfg, spar_err *err) {
+    char text[sizeof cfg->v[0].s + 32];
+    for (int i = 0; i < SPAR_KEY_COUNT; i++) {
+        spar_value v;
+        spar__value_format(cfg, i, text, sizeof text);
+        SPAR_TRY(parse_value(&spar__keys[i], text, &v, err));
+    }
+    return SPAR_OK;
 }
 
 void spar__value_format(const spar_config *cfg, int id, char *out, size_t len) {

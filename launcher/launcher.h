@@ -119,6 +119,9 @@ int spar__config_set(spar_config *cfg, const char *name, const char *text, enum 
                      int line, spar_err *err);
 int spar__config_set_arg(spar_config *cfg, const char *assignment, spar_err *err);
 void spar__value_format(const spar_config *cfg, int id, char *out, size_t len);
+/* Every value again through the key table's rules (for values that did not come as
+ * text, such as a received plan). */
+int spar__config_recheck(const spar_config *cfg, spar_err *err);
 const char *spar__origin_name(enum spar_origin origin);
 
 /* config_yaml.c: every scalar of the file under its dotted key. */

@@ -89,11 +89,15 @@ int spar__npy_read_info(const char *path, spar_npy_info *info, spar_err *err) {
         goto done;
     }
     int major = pre[6];
+    if (major > 1 && got < 12) {
+        spar__err_set(err, rc, "'%s': truncated .npy header", path);
+        goto done;
+    }
     size_t hlen = major == 1 ? (size_t)pre[8] | (size_t)pre[9] << 8
                              : (size_t)pre[8] | (size_t)pre[9] << 8 | (size_t)pre[10] << 16 |
                                    (size_t)pre[11] << 24;
     size_t prefix = major == 1 ? 10 : 12;
-    if (major < 1 || major > 3 || (major > 1 && got < 12) || hlen > MAX_HEADER) {
+    if (major < 1 || major > 3 || hlen > MAX_HEADER) {
         spar__err_set(err, rc, "'%s': unsupported .npy version %d or header size %zu", path,
                       major, hlen);
         goto done;
@@ -127,8 +131,9 @@ static void shape_text(int ndim, const int64_t *shape, char *out, size_t len) {
 int spar__npy_check(const char *key, const char *path, int ndim, const int64_t *shape,
                     spar_npy_info *info, spar_err *err) {
     spar_err inner;
-    if (spar__npy_read_info(path, info, &inner) != 0)
-        return spar__err_set(err, SPAR_EFORMAT, "key %s: %s", key, inner.msg);
+    int rc = spar__npy_read_info(path, info, &inner);
+    if (rc != 0)
+        return spar__err_set(err, rc, "key %s: %s", key, inner.msg);
     if (strcmp(info->descr, "<f4") != 0)
         return spar__err_set(err, SPAR_ESHAPE, "key %s: '%s' has dtype '%s' but float32 ('<f4') "
                              "is required (use arr.astype(np.float32))", key, path, info->descr);

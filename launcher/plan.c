@@ -92,6 +92,8 @@ int spar__plan_unpack(spar_config *cfg, const uint8_t *buf, size_t len, spar_err
     for (int i = 0; i < SPAR_KEY_COUNT && rc == 0; i++)
         if (!seen[i])
             rc = spar__err_set(err, SPAR_EFORMAT, "run plan: key %s is missing", spar__keys[i].name);
+    if (rc == 0 && spar__config_recheck(cfg, err) != 0)
+        rc = SPAR_EFORMAT; /* a value no file or --set could have given */
 done:
     spar__run_plan__free_unpacked(plan, NULL);
     return rc;

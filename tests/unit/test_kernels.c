@@ -1,0 +1,426 @@
+/* test_kernels.c: the scalar softmax block kernel and the partial merge against an
+ * independent float64 reference (kernels/kernels.h).
+ *
+ * The reference is written the naive way on purpose: the full score row in double, its
+ * maximum, the sum of exponentials, then the weighted sum of values. It shares no code
+ * with the online softmax it checks. Shapes are chosen to be awkward: head_dim 1 and odd
+ * sizes, GQA (H=6, G=2), MQA (H=4, G=1), nq != nk, and sorted but irregular positions.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+
+#include <cmocka.h>
+
+#include "kernels.h" // defines: spar_kernels_select, spar_softmax_init_partial, _merge
+
+/* --- inputs ----------------------------------------------------------------------------- */
+
+static uint64_t rng_state;
+
+static uint64_t xorshift64(void) {
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 7;
+    rng_state ^= rng_state << 17;
+    return rng_state;
+}
+
+static double uniform01(void) {
+    return (double)(xorshift64() >> 11) * 0x1.0p-53;
+}
+
+/* Irwin-Hall sum of four uniforms, centred: bell-shaped, within [-2, 2]. */
+static float randn_like(void) {
+    return (float)(uniform01() + uniform01() + uniform01() + uniform01() - 2.0);
+}
+
+static float *random_floats(int64_t count) {
+    float *x = malloc(sizeof *x * (size_t)count);
+    assert_non_null(x);
+    for (int64_t i = 0; i < count; i++)
+        x[i] = randn_like();
+    return x;
+}
+
+enum pos_kind { POS_NONE, POS_SAME, POS_STRIPE, POS_RANDOM, POS_QUERIES_LATE };
+
+typedef struct attn_case {
+    int heads, kv_heads, head_dim;
+    int64_t nq, nk;
+    bool causal;
+    enum pos_kind pos;
+} attn_case;
+
+static const attn_case cases[] = {
+    {1, 1, 1, 7, 7, true, POS_SAME},           /* head_dim 1 */
+    {6, 2, 24, 5, 9, false, POS_NONE},         /* GQA, nq != nk, no positions */
+    {6, 2, 24, 12, 12, true, POS_SAME},        /* GQA causal */
+    {4, 1, 40, 11, 13, true, POS_STRIPE},      /* MQA, stripe: query 0 sees no key */
+    {3, 3, 80, 8, 8, true, POS_SAME},          /* H = G */
+    {2, 2, 33, 9, 17, true, POS_RANDOM},       /* odd head_dim, irregular positions */
+    {6, 2, 33, 14, 6, true, POS_RANDOM},       /* GQA, nq > nk, irregular positions */
+    {4, 1, 1, 3, 1, false, POS_NONE},          /* MQA, a single key */
+    {4, 4, 80, 5, 16, false, POS_STRIPE},      /* positions given but not causal */
+    {6, 3, 40, 6, 10, true, POS_QUERIES_LATE}, /* causal but every key visible */
+};
+#define CASE_COUNT (sizeof cases / sizeof cases[0])
+
+typedef struct attn_data {
+    spar_attn_dims dims;
+    float *q, *k, *v;
+    int64_t *q_pos, *k_pos; /* NULL for POS_NONE */
+} attn_data;
+
+/* Sorted positions with random gaps of 1..4. */
+static void random_positions(int64_t n, int64_t *pos) {
+    int64_t t = (int64_t)(xorshift64() % 3);
+    for (int64_t i = 0; i < n; i++) {
+        pos[i] = t;
+        t += 1 + (int64_t)(xorshift64() % 4);
+    }
+}
+
+static attn_data make_data(const attn_case *c, uint64_t seed) {
+    rng_state = seed * 0x9E3779B97F4A7C15ull + 1;
+    attn_data a = {{c->heads, c->kv_heads, c->head_dim, (float)(1.0 / sqrt(c->head_dim))},
+                   NULL,
+                   NULL,
+                   NULL,
+                   NULL,
+                   NULL};
+    a.q = random_floats(c->nq * c->heads * c->head_dim);
+    a.k = random_floats(c->nk * c->kv_heads * c->head_dim);
+    a.v = random_floats(c->nk * c->kv_heads * c->head_dim);
+    if (c->pos == POS_NONE) return a;
+    a.q_pos = malloc(sizeof *a.q_pos * (size_t)c->nq);
+    a.k_pos = malloc(sizeof *a.k_pos * (size_t)c->nk);
+    assert_true(a.q_pos && a.k_pos);
+    for (int64_t i = 0; i < c->nq; i++)
+        a.q_pos[i] = c->pos == POS_STRIPE ? 3 * i + 1 : c->pos == POS_QUERIES_LATE ? 100 + i : i;
+    for (int64_t j = 0; j < c->nk; j++)
+        a.k_pos[j] = c->pos == POS_STRIPE ? 3 * j + 2 : j;
+    if (c->pos == POS_RANDOM) {
+        random_positions(c->nq, a.q_pos);
+        random_positions(c->nk, a.k_pos);
+    }
+    return a;
+}
+
+static void free_data(attn_data *a) {
+    free(a->q), free(a->k), free(a->v), free(a->q_pos), free(a->k_pos);
+}
+
+/* --- the float64 reference ---------------------------------------------------------------- */
+
+/* o: [nq, H, d] double; lse: [nq, H] double (-inf and o = 0 for a row that sees no key).
+ * Keys [k0, k1) of the data are used. */
+static void reference(const attn_case *c, const attn_data *a, int64_t k0, int64_t k1, double *o,
+                      double *lse) {
+    int hh = c->heads, g = c->kv_heads, d = c->head_dim;
+    double *score = malloc(sizeof *score * (size_t)(c->nk > 0 ? c->nk : 1));
+    assert_non_null(score);
+    for (int64_t i = 0; i < c->nq; i++) {
+        for (int h = 0; h < hh; h++) {
+            int kvh = h / (hh / g);
+            const float *qi = a->q + (i * hh + h) * d;
+            double *oi = o + (i * hh + h) * d;
+            double smax = -INFINITY, sum = 0.0;
+            for (int64_t j = k0; j < k1; j++) {
+                bool visible = !c->causal || a->k_pos[j] <= a->q_pos[i];
+                score[j] = -INFINITY;
+                if (!visible) continue;
+                double s = 0.0;
+                for (int x = 0; x < d; x++)
+                    s += (double)qi[x] * (double)a->k[(j * g + kvh) * d + x];
+                score[j] = (double)a->dims.scale * s;
+                smax = score[j] > smax ? score[j] : smax;
+            }
+            for (int x = 0; x < d; x++)
+                oi[x] = 0.0;
+            if (isinf(smax)) {
+                lse[i * hh + h] = -INFINITY;
+                continue;
+            }
+            for (int64_t j = k0; j < k1; j++)
+                sum += isinf(score[j]) ? 0.0 : exp(score[j] - smax);
+            for (int64_t j = k0; j < k1; j++) {
+                if (isinf(score[j])) continue;
+                double p = exp(score[j] - smax) / sum;
+                for (int x = 0; x < d; x++)
+                    oi[x] += p * (double)a->v[(j * g + kvh) * d + x];
+            }
+            lse[i * hh + h] = smax + log(sum);
+        }
+    }
+    free(score);
+}
+
+static const struct attn_case *current_case; /* named when a check fails */
+
+static void print_case(const attn_case *c) {
+    if (c)
+        fprintf(stderr, "case H=%d G=%d d=%d nq=%lld nk=%lld causal=%d pos=%d\n", c->heads,
+                c->kv_heads, c->head_dim, (long long)c->nq, (long long)c->nk, c->causal, c->pos);
+}
+
+/* Asserts that got matches ref over n values: relative L2 error <= tol and every element
+ * within |got - ref| <= tol + 10 tol |ref|. Entries where ref is -inf (a row that saw no
+ * key) must be -inf in got too and are left out of the norm. Prints the worst element. */
+static void check_close(const char *what, int64_t n, const float *got, const double *ref,
+                        double tol) {
+    double num = 0.0, den = 0.0, worst = -1.0;
+    int64_t worst_i = -1, bad = 0;
+    for (int64_t i = 0; i < n; i++) {
+        if (isinf(ref[i]) && ref[i] < 0) {
+            if (!(isinf(got[i]) && got[i] < 0)) {
+                print_case(current_case);
+                fprintf(stderr, "%s[%lld] = %g but the reference is -inf\n", what, (long long)i,
+                        (double)got[i]);
+                fail();
+            }
+            continue;
+        }
+        double diff = fabs((double)got[i] - ref[i]);
+        if (!(diff <= worst)) /* also catches NaN */
+            worst = diff, worst_i = i;
+        bad += !(diff <= tol + 10.0 * tol * fabs(ref[i]));
+        num += diff * diff;
+        den += ref[i] * ref[i];
+    }
+    double err = den > 0.0 ? sqrt(num / den) : sqrt(num);
+    if (!(err <= tol) || bad > 0) {
+        print_case(current_case);
+        fprintf(stderr,
+                "%s: rel L2 %.3g (tol %.1g), %lld elements off, worst [%lld] got %.9g "
+                "ref %.9g\n",
+                what, err, tol, (long long)bad, (long long)worst_i, (double)got[worst_i],
+                ref[worst_i]);
+    }
+    assert_true(err <= tol);
+    assert_int_equal(bad, 0);
+}
+
+/* Same as check_close but against a float result (one path against another). */
+static void check_close_f(const char *what, int64_t n, const float *got, const float *ref,
+                          double tol) {
+    double *r = malloc(sizeof *r * (size_t)n);
+    assert_non_null(r);
+    for (int64_t i = 0; i < n; i++)
+        r[i] = (double)ref[i];
+    check_close(what, n, got, r, tol);
+    free(r);
+}
+
+/* --- helpers over the kernel ----------------------------------------------------------- */
+
+typedef struct partial {
+    float *o, *lse;
+} partial;
+
+static partial new_partial(const attn_case *c) {
+    partial p = {malloc(sizeof(float) * (size_t)(c->nq * c->heads * c->head_dim)),
+                 malloc(sizeof(float) * (size_t)(c->nq * c->heads))};
+    assert_true(p.o && p.lse);
+    spar_softmax_init_partial(c->nq, c->heads, c->head_dim, p.o, p.lse);
+    return p;
+}
+
+static void free_partial(partial *p) {
+    free(p->o), free(p->lse);
+}
+
+/* Runs keys [k0, k1) into partial p. */
+static void run_block(const spar_kernels *kern, const attn_case *c, const attn_data *a, int64_t k0,
+                      int64_t k1, partial *p) {
+    int g = c->kv_heads, d = c->head_dim;
+    int rc = kern->softmax_fwd_block(&a->dims, c->nq, a->q, a->q_pos, k1 - k0, a->k + k0 * g * d,
+                                     a->v + k0 * g * d, a->k_pos ? a->k_pos + k0 : NULL, c->causal,
+                                     p->o, p->lse);
+    assert_int_equal(rc, 0);
+}
+
+/* --- tests --------------------------------------------------------------------------------- */
+
+static void select_finds_scalar_and_auto_and_rejects_unknown_names(void **state) {
+    (void)state;
+    const spar_kernels *scalar = spar_kernels_select("scalar");
+    assert_non_null(scalar);
+    assert_ptr_equal(scalar, &spar__kernels_scalar);
+    assert_string_equal(scalar->name, "scalar");
+    assert_non_null(spar_kernels_select("auto"));
+    assert_non_null(spar_kernels_select("auto")->softmax_fwd_block);
+    assert_null(spar_kernels_select("cuda-that-is-not-built"));
+    assert_null(spar_kernels_select(""));
+}
+
+static void init_partial_means_no_keys_seen(void **state) {
+    (void)state;
+    float o[3 * 2 * 5], lse[3 * 2];
+    memset(o, 0x7f, sizeof o), memset(lse, 0x7f, sizeof lse);
+    spar_softmax_init_partial(3, 2, 5, o, lse);
+    for (size_t i = 0; i < sizeof o / sizeof o[0]; i++)
+        assert_true(o[i] == 0.0f);
+    for (size_t i = 0; i < sizeof lse / sizeof lse[0]; i++)
+        assert_true(isinf(lse[i]) && lse[i] < 0);
+}
+
+static void check_backend_matches_reference(const char *backend) {
+    const spar_kernels *kern = spar_kernels_select(backend);
+    assert_non_null(kern);
+    for (size_t ci = 0; ci < CASE_COUNT; ci++) {
+        const attn_case *c = &cases[ci];
+        attn_data a = make_data(c, ci + 1);
+        int64_t no = c->nq * c->heads * c->head_dim, nl = c->nq * c->heads;
+        double *ro = malloc(sizeof *ro * (size_t)no), *rl = malloc(sizeof *rl * (size_t)nl);
+        assert_true(ro && rl);
+        reference(c, &a, 0, c->nk, ro, rl);
+        partial p = new_partial(c);
+        run_block(kern, c, &a, 0, c->nk, &p);
+        current_case = c;
+        check_close("o", no, p.o, ro, 1e-5);
+        check_close("lse", nl, p.lse, rl, 1e-5);
+        free_partial(&p), free(ro), free(rl), free_data(&a);
+    }
+}
+
+static void scalar_kernel_matches_float64_reference(void **state) {
+    (void)state;
+    check_backend_matches_reference("scalar");
+}
+
+static void auto_kernel_matches_float64_reference(void **state) {
+    (void)state;
+    check_backend_matches_reference("auto");
+}
+
+/* Keys cut into `parts` uneven blocks, each into its own partial, merged in order. */
+static void check_merge_of_blocks(int parts) {
+    const spar_kernels *kern = spar_kernels_select("scalar");
+    for (size_t ci = 0; ci < CASE_COUNT; ci++) {
+        const attn_case *c = &cases[ci];
+        if (c->nk < parts) continue;
+        attn_data a = make_data(c, 100 + ci);
+        int64_t no = c->nq * c->heads * c->head_dim, nl = c->nq * c->heads;
+        partial whole = new_partial(c), merged = new_partial(c);
+        run_block(kern, c, &a, 0, c->nk, &whole);
+        int64_t cut[4] = {0, c->nk / 3 + 1, 2 * c->nk / 3 + 1, c->nk};
+        if (parts == 2)
+            cut[1] = c->nk / 2 + 1 > c->nk - 1 ? c->nk - 1 : c->nk / 2 + 1, cut[2] = c->nk;
+        for (int b = 0; b < parts; b++) {
+            partial block = new_partial(c);
+            run_block(kern, c, &a, cut[b], cut[b + 1], &block);
+            spar_softmax_merge(c->nq, c->heads, c->head_dim, merged.o, merged.lse, block.o,
+                               block.lse);
+            free_partial(&block);
+        }
+        double *ro = malloc(sizeof *ro * (size_t)no), *rl = malloc(sizeof *rl * (size_t)nl);
+        assert_true(ro && rl);
+        reference(c, &a, 0, c->nk, ro, rl);
+        current_case = c;
+        check_close_f("o merged vs one block", no, merged.o, whole.o, 1e-6);
+        check_close_f("lse merged vs one block", nl, merged.lse, whole.lse, 1e-6);
+        check_close("o merged vs reference", no, merged.o, ro, 1e-5);
+        check_close("lse merged vs reference", nl, merged.lse, rl, 1e-5);
+        free(ro), free(rl), free_partial(&whole), free_partial(&merged), free_data(&a);
+    }
+}
+
+static void merging_two_key_blocks_equals_one_block(void **state) {
+    (void)state;
+    check_merge_of_blocks(2);
+}
+
+static void merging_three_key_blocks_equals_one_block(void **state) {
+    (void)state;
+    check_merge_of_blocks(3);
+}
+
+static void merging_an_empty_partial_is_the_identity(void **state) {
+    (void)state;
+    const attn_case *c = &cases[2];
+    attn_data a = make_data(c, 7);
+    size_t so = sizeof(float) * (size_t)(c->nq * c->heads * c->head_dim);
+    size_t sl = sizeof(float) * (size_t)(c->nq * c->heads);
+    partial full = new_partial(c), empty = new_partial(c), keep = new_partial(c);
+    run_block(spar_kernels_select("scalar"), c, &a, 0, c->nk, &full);
+    memcpy(keep.o, full.o, so), memcpy(keep.lse, full.lse, sl);
+
+    /* empty into full: full unchanged. lse = -inf alone marks a partial empty, so its o
+     * may hold anything, NaN included, without leaking into the merge. */
+    for (int64_t i = 0; i < c->nq * c->heads * c->head_dim; i++)
+        empty.o[i] = NAN;
+    spar_softmax_merge(c->nq, c->heads, c->head_dim, full.o, full.lse, empty.o, empty.lse);
+    assert_memory_equal(full.o, keep.o, so);
+    assert_memory_equal(full.lse, keep.lse, sl);
+
+    /* full into empty (o still NaN): empty becomes full exactly */
+    spar_softmax_merge(c->nq, c->heads, c->head_dim, empty.o, empty.lse, full.o, full.lse);
+    assert_memory_equal(empty.o, keep.o, so);
+    assert_memory_equal(empty.lse, keep.lse, sl);
+    free_partial(&full), free_partial(&empty), free_partial(&keep), free_data(&a);
+}
+
+/* Queries at positions 10..19 first meet keys 0..9, then keys 15..24: queries 10..14
+ * see none of the second block and must keep their partial bit for bit. */
+static void query_that_sees_no_key_of_a_block_is_left_unchanged(void **state) {
+    (void)state;
+    attn_case c = {6, 2, 24, 10, 20, true, POS_SAME};
+    attn_data a = make_data(&c, 11);
+    for (int64_t i = 0; i < c.nq; i++)
+        a.q_pos[i] = 10 + i;
+    for (int64_t j = 0; j < c.nk; j++)
+        a.k_pos[j] = j < 10 ? j : j + 5;
+    const spar_kernels *kern = spar_kernels_select("scalar");
+    size_t row_o = sizeof(float) * (size_t)(c.heads * c.head_dim),
+           row_l = sizeof(float) * (size_t)c.heads;
+    partial p = new_partial(&c), keep = new_partial(&c);
+    run_block(kern, &c, &a, 0, 10, &p);
+    memcpy(keep.o, p.o, row_o * (size_t)c.nq), memcpy(keep.lse, p.lse, row_l * (size_t)c.nq);
+
+    run_block(kern, &c, &a, 10, 20, &p);
+    for (int64_t i = 0; i < c.nq; i++) {
+        int same =
+            memcmp(p.o + i * c.heads * c.head_dim, keep.o + i * c.heads * c.head_dim, row_o) == 0 &&
+            memcmp(p.lse + i * c.heads, keep.lse + i * c.heads, row_l) == 0;
+        if (a.q_pos[i] < 15)
+            assert_true(same); /* saw no key of the second block */
+        else
+            assert_false(same); /* saw some: the partial moved */
+    }
+    /* and the result over both blocks is still the attention over all 20 keys */
+    int64_t no = c.nq * c.heads * c.head_dim, nl = c.nq * c.heads;
+    double *ro = malloc(sizeof *ro * (size_t)no), *rl = malloc(sizeof *rl * (size_t)nl);
+    assert_true(ro && rl);
+    reference(&c, &a, 0, c.nk, ro, rl);
+    current_case = &c;
+    check_close("o", no, p.o, ro, 1e-5);
+    check_close("lse", nl, p.lse, rl, 1e-5);
+
+    /* a block wholly in every query's future changes nothing at all */
+    memcpy(keep.o, p.o, row_o * (size_t)c.nq), memcpy(keep.lse, p.lse, row_l * (size_t)c.nq);
+    for (int64_t j = 0; j < c.nk; j++)
+        a.k_pos[j] = 1000 + j;
+    run_block(kern, &c, &a, 0, c.nk, &p);
+    assert_memory_equal(p.o, keep.o, row_o * (size_t)c.nq);
+    assert_memory_equal(p.lse, keep.lse, row_l * (size_t)c.nq);
+    free(ro), free(rl), free_partial(&p), free_partial(&keep), free_data(&a);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(select_finds_scalar_and_auto_and_rejects_unknown_names),
+        cmocka_unit_test(init_partial_means_no_keys_seen),
+        cmocka_unit_test(scalar_kernel_matches_float64_reference),
+        cmocka_unit_test(auto_kernel_matches_float64_reference),
+        cmocka_unit_test(merging_two_key_blocks_equals_one_block),
+        cmocka_unit_test(merging_three_key_blocks_equals_one_block),
+        cmocka_unit_test(merging_an_empty_partial_is_the_identity),
+        cmocka_unit_test(query_that_sees_no_key_of_a_block_is_left_unchanged),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
