@@ -77,6 +77,9 @@ static int parse_dict(const char *dict, spar_npy_info *info) {
 
 int spar__npy_read_info(const char *path, spar_npy_info *info, spar_err *err) {
     memset(info, 0, sizeof *info);
+    struct stat st;
+    if (stat(path, &st) == 0 && S_ISDIR(st.st_mode))
+        return spar__err_set(err, SPAR_EIO, "'%s' is a directory, not a .npy file", path);
     FILE *fp = fopen(path, "rb");
     if (!fp)
         return spar__err_set(err, SPAR_EIO, "cannot open '%s': %s", path, strerror(errno));
