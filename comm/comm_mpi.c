@@ -28,14 +28,14 @@ struct spar_comm {
 static char transport_text[160] = "ob1 (Open MPI default)";
 
 /* Print the failing call with MPI's own words, and return SPAR_ECOMM. */
-#define SPAR_MPI_CHECK(expr)                                                                   \
-    do {                                                                                       \
-        int spar_mpi_rc_ = (expr);                                                             \
-        char spar_mpi_msg_[MPI_MAX_ERROR_STRING] = "";                                         \
-        int spar_mpi_len_ = 0;                                                                 \
-        if (spar_mpi_rc_ != MPI_SUCCESS)                                                       \
-            MPI_Error_string(spar_mpi_rc_, spar_mpi_msg_, &spar_mpi_len_);                     \
-        SPAR_CHECK_GENERIC(spar_mpi_rc_ != MPI_SUCCESS, #expr, spar_mpi_msg_, SPAR_ECOMM);     \
+#define SPAR_MPI_CHECK(expr)                                                                       \
+    do {                                                                                           \
+        int spar_mpi_rc_ = (expr);                                                                 \
+        char spar_mpi_msg_[MPI_MAX_ERROR_STRING] = "";                                             \
+        int spar_mpi_len_ = 0;                                                                     \
+        if (spar_mpi_rc_ != MPI_SUCCESS)                                                           \
+            MPI_Error_string(spar_mpi_rc_, spar_mpi_msg_, &spar_mpi_len_);                         \
+        SPAR_CHECK_GENERIC(spar_mpi_rc_ != MPI_SUCCESS, #expr, spar_mpi_msg_, SPAR_ECOMM);         \
     } while (0)
 
 #ifdef SPAR_HAVE_UCX
@@ -107,8 +107,7 @@ int spar_comm_prepare_transport(const char *choice) {
 static void read_fault_hook(spar_comm *comm) {
     const char *spec = getenv("SPAR_TEST_FAULT");
     comm->fault_ring_rank = -1;
-    if (spec && strncmp(spec, "ring:", 5) == 0)
-        comm->fault_ring_rank = atoi(spec + 5);
+    if (spec && strncmp(spec, "ring:", 5) == 0) comm->fault_ring_rank = atoi(spec + 5);
 }
 
 int spar_comm_init(spar_comm **out, int *argc, char ***argv) {
@@ -119,8 +118,7 @@ int spar_comm_init(spar_comm **out, int *argc, char ***argv) {
                                        "srun --mpi=pmix?)");
     }
     spar_comm *comm = calloc(1, sizeof *comm);
-    if (!comm)
-        return SPAR_ENOMEM;
+    if (!comm) return SPAR_ENOMEM;
     comm->world = MPI_COMM_WORLD;
     SPAR_MPI_CHECK(MPI_Comm_set_errhandler(comm->world, MPI_ERRORS_RETURN));
     SPAR_MPI_CHECK(MPI_Comm_rank(comm->world, &comm->rank));
@@ -137,8 +135,7 @@ int spar_comm_init(spar_comm **out, int *argc, char ***argv) {
 }
 
 void spar_comm_free(spar_comm *comm) {
-    if (!comm)
-        return;
+    if (!comm) return;
     MPI_Finalize();
     free(comm);
 }
@@ -228,8 +225,8 @@ int spar_comm_send(spar_comm *comm, const void *buf, size_t bytes, int dest, int
 int spar_comm_recv(spar_comm *comm, void *buf, size_t bytes, int src, int tag) {
     for (size_t off = 0; off < bytes; off += PIECE_BYTES) {
         size_t n = bytes - off < PIECE_BYTES ? bytes - off : PIECE_BYTES;
-        SPAR_MPI_CHECK(
-            MPI_Recv((char *)buf + off, (int)n, MPI_BYTE, src, tag, comm->world, MPI_STATUS_IGNORE));
+        SPAR_MPI_CHECK(MPI_Recv((char *)buf + off, (int)n, MPI_BYTE, src, tag, comm->world,
+                                MPI_STATUS_IGNORE));
     }
     return SPAR_OK;
 }
@@ -250,8 +247,8 @@ int spar_comm_ring_start(spar_comm *comm, const void *send, size_t send_bytes, v
         right = comm->size; /* an invalid peer: MPI itself reports the failure */
     for (size_t off = 0; off < recv_bytes; off += PIECE_BYTES) {
         size_t n = recv_bytes - off < PIECE_BYTES ? recv_bytes - off : PIECE_BYTES;
-        SPAR_MPI_CHECK(MPI_Irecv((char *)recv + off, (int)n, MPI_BYTE, left, RING_TAG,
-                                 comm->world, &comm->ring_reqs[comm->ring_nreqs++]));
+        SPAR_MPI_CHECK(MPI_Irecv((char *)recv + off, (int)n, MPI_BYTE, left, RING_TAG, comm->world,
+                                 &comm->ring_reqs[comm->ring_nreqs++]));
     }
     for (size_t off = 0; off < send_bytes; off += PIECE_BYTES) {
         size_t n = send_bytes - off < PIECE_BYTES ? send_bytes - off : PIECE_BYTES;
@@ -265,17 +262,14 @@ int spar_comm_ring_start(spar_comm *comm, const void *send, size_t send_bytes, v
 
 int spar_comm_ring_test(spar_comm *comm, int *done) {
     *done = 1;
-    if (comm->ring_nreqs == 0)
-        return SPAR_OK;
+    if (comm->ring_nreqs == 0) return SPAR_OK;
     SPAR_MPI_CHECK(MPI_Testall(comm->ring_nreqs, comm->ring_reqs, done, MPI_STATUSES_IGNORE));
-    if (*done)
-        comm->ring_nreqs = 0;
+    if (*done) comm->ring_nreqs = 0;
     return SPAR_OK;
 }
 
 int spar_comm_ring_wait(spar_comm *comm) {
-    if (comm->ring_nreqs == 0)
-        return SPAR_OK;
+    if (comm->ring_nreqs == 0) return SPAR_OK;
     int n = comm->ring_nreqs;
     comm->ring_nreqs = 0;
     SPAR_MPI_CHECK(MPI_Waitall(n, comm->ring_reqs, MPI_STATUSES_IGNORE));

@@ -18,15 +18,15 @@
 
 enum spar_status {
     SPAR_OK = 0,
-    SPAR_EINVAL = -1,   /* a value outside what is allowed (bad input) */
-    SPAR_ENOMEM = -2,   /* an allocation failed */
-    SPAR_EIO = -3,      /* a file could not be read or written */
-    SPAR_EFORMAT = -4,  /* a file or message is malformed */
-    SPAR_ESHAPE = -5,   /* a tensor's shape or dtype differs from what is required */
-    SPAR_ECOMM = -6,    /* the network layer failed */
-    SPAR_EUNSUP = -7,   /* valid request that this build or issue does not support */
-    SPAR_EVERIFY = -8,  /* the result differs from the reference beyond tolerance */
-    SPAR_EPEER = -9,    /* another rank reported a failure */
+    SPAR_EINVAL = -1,  /* a value outside what is allowed (bad input) */
+    SPAR_ENOMEM = -2,  /* an allocation failed */
+    SPAR_EIO = -3,     /* a file could not be read or written */
+    SPAR_EFORMAT = -4, /* a file or message is malformed */
+    SPAR_ESHAPE = -5,  /* a tensor's shape or dtype differs from what is required */
+    SPAR_ECOMM = -6,   /* the network layer failed */
+    SPAR_EUNSUP = -7,  /* valid request that this build or issue does not support */
+    SPAR_EVERIFY = -8, /* the result differs from the reference beyond tolerance */
+    SPAR_EPEER = -9,   /* another rank reported a failure */
 };
 
 /* Returns a short name for a status code ("invalid input", ...). */
@@ -36,25 +36,28 @@ const char *spar_strerror(int status);
 int spar_status_is_input_error(int status);
 
 /* Pass a failure up the stack; the callee has already said what went wrong. */
-#define SPAR_TRY(expr)                                                                         \
-    do {                                                                                       \
-        int spar_try_rc_ = (expr);                                                             \
-        if (spar_try_rc_ != 0)                                                                 \
-            return spar_try_rc_;                                                               \
+#define SPAR_TRY(expr)                                                                             \
+    do {                                                                                           \
+        int spar_try_rc_ = (expr);                                                                 \
+        if (spar_try_rc_ != 0) return spar_try_rc_;                                                \
     } while (0)
 
 /* One generic check used by the MPI/CUDA/UCX wrappers: when `failed` is true, print the
  * expression, file:line and a detail string from the library, and return `status`. */
-#define SPAR_CHECK_GENERIC(failed, expr_text, detail, status)                                  \
-    do {                                                                                       \
-        if (failed) {                                                                          \
-            spar_log_error("%s failed at %s:%d: %s", (expr_text), __FILE__, __LINE__,         \
-                           (detail));                                                          \
-            return (status);                                                                   \
-        }                                                                                      \
+#define SPAR_CHECK_GENERIC(failed, expr_text, detail, status)                                      \
+    do {                                                                                           \
+        if (failed) {                                                                              \
+            spar_log_error("%s failed at %s:%d: %s", (expr_text), __FILE__, __LINE__, (detail));   \
+            return (status);                                                                       \
+        }                                                                                          \
     } while (0)
 
-enum spar_log_level { SPAR_LOG_ERROR = 0, SPAR_LOG_WARN = 1, SPAR_LOG_INFO = 2, SPAR_LOG_DEBUG = 3 };
+enum spar_log_level {
+    SPAR_LOG_ERROR = 0,
+    SPAR_LOG_WARN = 1,
+    SPAR_LOG_INFO = 2,
+    SPAR_LOG_DEBUG = 3
+};
 
 /* Tell the log who we are; until then lines carry no rank prefix. */
 void spar_log_set_identity(int rank, int size, const char *host);

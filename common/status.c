@@ -60,14 +60,13 @@ static void log_line(const char *tag, const char *fmt, va_list ap) {
     fflush(stderr);
 }
 
-#define SPAR_LOG_FN(name, level, tag)                                                          \
-    void name(const char *fmt, ...) {                                                          \
-        if (log_level < (level))                                                               \
-            return;                                                                            \
-        va_list ap;                                                                            \
-        va_start(ap, fmt);                                                                     \
-        log_line(tag, fmt, ap);                                                                \
-        va_end(ap);                                                                            \
+#define SPAR_LOG_FN(name, level, tag)                                                              \
+    void name(const char *fmt, ...) {                                                              \
+        if (log_level < (level)) return;                                                           \
+        va_list ap;                                                                                \
+        va_start(ap, fmt);                                                                         \
+        log_line(tag, fmt, ap);                                                                    \
+        va_end(ap);                                                                                \
     }
 
 SPAR_LOG_FN(spar_log_error, SPAR_LOG_ERROR, "error: ")
@@ -84,8 +83,7 @@ int spar_errorf(int status, const char *fmt, ...) {
 }
 
 void spar_print0(const char *fmt, ...) {
-    if (log_rank > 0)
-        return;
+    if (log_rank > 0) return;
     va_list ap;
     va_start(ap, fmt);
     vprintf(fmt, ap);

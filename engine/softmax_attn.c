@@ -67,10 +67,8 @@ static int run_group_pair(block_job *job, const group *qg, const chunk *kc, cons
     const spar_softmax_problem *prob = job->prob;
     bool masked = prob->causal;
     if (prob->causal) {
-        if (kg->pos_min > qg->pos_max)
-            return SPAR_OK; /* every key is in every query's future */
-        if (kg->pos_max <= qg->pos_min)
-            masked = false; /* every key is visible */
+        if (kg->pos_min > qg->pos_max) return SPAR_OK;  /* every key is in every query's future */
+        if (kg->pos_max <= qg->pos_min) masked = false; /* every key is visible */
     }
     int h = prob->dims.heads, g = prob->dims.kv_heads, d = prob->dims.head_dim;
     int64_t qb = prob->query_block > 0 ? prob->query_block : DEFAULT_QUERY_BLOCK;
@@ -78,13 +76,11 @@ static int run_group_pair(block_job *job, const group *qg, const chunk *kc, cons
     for (int64_t i = qg->local_start; i < qg->local_start + qg->len; i += qb) {
         int64_t nq = qg->local_start + qg->len - i < qb ? qg->local_start + qg->len - i : qb;
         double t0 = spar_comm_wtime();
-        SPAR_TRY(prob->kernels->softmax_fwd_block(&prob->dims, nq, job->q + i * h * d,
-                                                  job->qc->pos + i, kg->len, kk, vv,
-                                                  kc->pos + kg->local_start, masked,
-                                                  job->o + i * h * d, job->lse + i * h));
+        SPAR_TRY(prob->kernels->softmax_fwd_block(
+            &prob->dims, nq, job->q + i * h * d, job->qc->pos + i, kg->len, kk, vv,
+            kc->pos + kg->local_start, masked, job->o + i * h * d, job->lse + i * h));
         job->compute_seconds += spar_comm_wtime() - t0;
-        if (job->between)
-            SPAR_TRY(job->between(job->between_ctx));
+        if (job->between) SPAR_TRY(job->between(job->between_ctx));
     }
     return SPAR_OK;
 }
@@ -119,7 +115,8 @@ static int ring_step(spar_comm *comm, block_job *job, int step, chunk *held, flo
     if (step + 1 < p) {
         int next_src = (r - step - 1 + 2 * p) % p;
         size_t send = 2 * (size_t)held->len * row * sizeof(float);
-        size_t recv = 2 * (size_t)spar_partition_local_len(prob->part, next_src) * row * sizeof(float);
+        size_t recv =
+            2 * (size_t)spar_partition_local_len(prob->part, next_src) * row * sizeof(float);
         SPAR_TRY(spar_comm_ring_start(comm, bufs[cur], send, bufs[cur ^ 1], recv));
         m->ring_bytes += send;
     }
@@ -147,20 +144,16 @@ int spar_ring_attn_forward(spar_comm *comm, const spar_softmax_problem *prob, co
     chunk qc = {0}, held = {0};
     float *bufs[2] = {malloc(block_floats * sizeof(float)), malloc(block_floats * sizeof(float))};
     int rc = SPAR_ENOMEM;
-    if (!bufs[0] || !bufs[1])
-        goto done;
-    if ((rc = chunk_init(&qc, part, r, max_len)) != 0)
-        goto done;
+    if (!bufs[0] || !bufs[1]) goto done;
+    if ((rc = chunk_init(&qc, part, r, max_len)) != 0) goto done;
     /* Pack the local block as [K | V], the form in which it travels. */
     memcpy(bufs[0], k, (size_t)qc.len * row * sizeof(float));
     memcpy(bufs[0] + (size_t)qc.len * row, v, (size_t)qc.len * row * sizeof(float));
     spar_softmax_init_partial(qc.len, prob->dims.heads, prob->dims.head_dim, o, lse);
     block_job job = {prob, q, o, lse, &qc, progress_between, comm, 0.0};
     for (int step = 0, cur = 0; step < p; step++, cur ^= 1) {
-        if ((rc = ring_step(comm, &job, step, &held, bufs, cur, max_len, &m)) != 0)
-            goto done;
-        if (prob->progress && r == 0)
-            prob->progress(prob->progress_ctx, "ring step", step + 1, p);
+        if ((rc = ring_step(comm, &job, step, &held, bufs, cur, max_len, &m)) != 0) goto done;
+        if (prob->progress && r == 0) prob->progress(prob->progress_ctx, "ring step", step + 1, p);
     }
     m.compute_seconds = job.compute_seconds;
     m.flops = spar_attn_forward_flops(part, r, &prob->dims, prob->causal);
@@ -172,8 +165,7 @@ done:
     free(bufs[0]);
     free(bufs[1]);
     m.seconds = spar_comm_wtime() - t_start;
-    if (metrics)
-        *metrics = m;
+    if (metrics) *metrics = m;
     return rc;
 }
 

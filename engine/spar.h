@@ -30,21 +30,21 @@ typedef void (*spar_progress_fn)(void *ctx, const char *phase, int64_t done, int
 typedef struct spar_softmax_problem {
     spar_attn_dims dims;
     bool causal;
-    const spar_partition *part;     /* the split of the sequence over the ranks */
-    const spar_kernels *kernels;    /* backend from spar_kernels_select */
-    int64_t query_block;            /* queries per kernel call; between calls the ring
-                                       makes progress (0 = a default) */
-    spar_progress_fn progress;      /* may be NULL */
+    const spar_partition *part;  /* the split of the sequence over the ranks */
+    const spar_kernels *kernels; /* backend from spar_kernels_select */
+    int64_t query_block;         /* queries per kernel call; between calls the ring
+                                    makes progress (0 = a default) */
+    spar_progress_fn progress;   /* may be NULL */
     void *progress_ctx;
 } spar_softmax_problem;
 
 typedef struct spar_metrics {
-    double seconds;          /* wall time of the call on this rank */
-    double compute_seconds;  /* time inside kernels */
-    double wait_seconds;     /* time blocked on the ring after computing */
-    double flops;            /* this rank's useful floating-point operations */
-    uint64_t ring_bytes;     /* bytes this rank sent around the ring */
-    int steps;               /* ring steps (P) */
+    double seconds;         /* wall time of the call on this rank */
+    double compute_seconds; /* time inside kernels */
+    double wait_seconds;    /* time blocked on the ring after computing */
+    double flops;           /* this rank's useful floating-point operations */
+    uint64_t ring_bytes;    /* bytes this rank sent around the ring */
+    int steps;              /* ring steps (P) */
 } spar_metrics;
 
 /* Ring attention forward (DESIGN.md 3.2): P steps; at each, this rank's queries meet

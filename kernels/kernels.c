@@ -11,11 +11,9 @@ static const spar_kernels *const backends[] = {
 
 const spar_kernels *spar_kernels_select(const char *name) {
     size_t count = sizeof backends / sizeof backends[0];
-    if (!name || strcmp(name, "auto") == 0)
-        return backends[0];
+    if (!name || strcmp(name, "auto") == 0) return backends[0];
     for (size_t i = 0; i < count; i++)
-        if (strcmp(backends[i]->name, name) == 0)
-            return backends[i];
+        if (strcmp(backends[i]->name, name) == 0) return backends[i];
     return NULL;
 }
 

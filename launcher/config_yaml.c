@@ -39,12 +39,9 @@ static int walk_mapping(walker *w, const char *prefix, int depth);
 
 /* Anchors invite aliases, which would make one line set several keys: refuse both. */
 static const unsigned char *anchor_of(const yaml_event_t *ev) {
-    if (ev->type == YAML_SCALAR_EVENT)
-        return ev->data.scalar.anchor;
-    if (ev->type == YAML_MAPPING_START_EVENT)
-        return ev->data.mapping_start.anchor;
-    if (ev->type == YAML_SEQUENCE_START_EVENT)
-        return ev->data.sequence_start.anchor;
+    if (ev->type == YAML_SCALAR_EVENT) return ev->data.scalar.anchor;
+    if (ev->type == YAML_MAPPING_START_EVENT) return ev->data.mapping_start.anchor;
+    if (ev->type == YAML_SEQUENCE_START_EVENT) return ev->data.sequence_start.anchor;
     return NULL;
 }
 
@@ -55,13 +52,15 @@ static int walk_value(walker *w, const char *key, int depth) {
     int rc = SPAR_OK, line = line_of(&ev);
     if (anchor_of(&ev)) {
         yaml_event_delete(&ev);
-        return spar__err_set(w->err, SPAR_EINVAL, "%s:%d: key %s: anchors and aliases are not "
-                             "supported", w->path, line, key);
+        return spar__err_set(w->err, SPAR_EINVAL,
+                             "%s:%d: key %s: anchors and aliases are not "
+                             "supported",
+                             w->path, line, key);
     }
     switch (ev.type) {
     case YAML_SCALAR_EVENT:
-        rc = spar__config_set(w->cfg, key, (const char *)ev.data.scalar.value, SPAR_FROM_FILE,
-                              line, w->err);
+        rc = spar__config_set(w->cfg, key, (const char *)ev.data.scalar.value, SPAR_FROM_FILE, line,
+                              w->err);
         if (rc != 0 && strstr(w->err->msg, w->path) == NULL) { /* say where */
             char msg[sizeof w->err->msg];
             memcpy(msg, w->err->msg, sizeof msg);
@@ -70,12 +69,15 @@ static int walk_value(walker *w, const char *key, int depth) {
         break;
     case YAML_MAPPING_START_EVENT: rc = walk_mapping(w, key, depth + 1); break;
     case YAML_SEQUENCE_START_EVENT:
-        rc = spar__err_set(w->err, SPAR_EINVAL, "%s:%d: key %s: expected a single value, got a list",
-                           w->path, line, key);
+        rc =
+            spar__err_set(w->err, SPAR_EINVAL, "%s:%d: key %s: expected a single value, got a list",
+                          w->path, line, key);
         break;
     default:
-        rc = spar__err_set(w->err, SPAR_EINVAL, "%s:%d: key %s: anchors and aliases are not "
-                           "supported", w->path, line, key);
+        rc = spar__err_set(w->err, SPAR_EINVAL,
+                           "%s:%d: key %s: anchors and aliases are not "
+                           "supported",
+                           w->path, line, key);
         break;
     }
     yaml_event_delete(&ev);
@@ -84,8 +86,10 @@ static int walk_value(walker *w, const char *key, int depth) {
 
 static int walk_mapping(walker *w, const char *prefix, int depth) {
     if (depth > MAX_DEPTH)
-        return spar__err_set(w->err, SPAR_EINVAL, "%s: mappings nested deeper than %d levels at "
-                             "key %s", w->path, MAX_DEPTH, prefix);
+        return spar__err_set(w->err, SPAR_EINVAL,
+                             "%s: mappings nested deeper than %d levels at "
+                             "key %s",
+                             w->path, MAX_DEPTH, prefix);
     for (;;) {
         yaml_event_t ev;
         SPAR_TRY(next_event(w, &ev));
@@ -118,15 +122,14 @@ static int walk_document(walker *w) {
         yaml_event_type_t type = ev.type;
         int line = line_of(&ev);
         yaml_event_delete(&ev);
-        if (type == YAML_STREAM_END_EVENT || type == YAML_DOCUMENT_END_EVENT)
-            return SPAR_OK;
-        if (type == YAML_STREAM_START_EVENT || type == YAML_DOCUMENT_START_EVENT)
-            continue;
-        if (type == YAML_MAPPING_START_EVENT)
-            return walk_mapping(w, "", 1);
+        if (type == YAML_STREAM_END_EVENT || type == YAML_DOCUMENT_END_EVENT) return SPAR_OK;
+        if (type == YAML_STREAM_START_EVENT || type == YAML_DOCUMENT_START_EVENT) continue;
+        if (type == YAML_MAPPING_START_EVENT) return walk_mapping(w, "", 1);
         if (type == YAML_SCALAR_EVENT && line == 1)
-            return spar__err_set(w->err, SPAR_EINVAL, "%s: expected a mapping of keys to values, "
-                                 "got a single value", w->path);
+            return spar__err_set(w->err, SPAR_EINVAL,
+                                 "%s: expected a mapping of keys to values, "
+                                 "got a single value",
+                                 w->path);
         return spar__err_set(w->err, SPAR_EINVAL, "%s:%d: expected a mapping of keys to values",
                              w->path, line);
     }

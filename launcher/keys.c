@@ -11,7 +11,7 @@
 #include "launcher.h"
 
 const spar_key spar__keys[SPAR_KEY_COUNT] = {
-#define SPAR_KEY_ROW(id, name, type, def, allowed, min, max, doc)                              \
+#define SPAR_KEY_ROW(id, name, type, def, allowed, min, max, doc)                                  \
     {name, SPAR_KT_##type, def, allowed, min, max, doc},
     SPAR_KEY_LIST(SPAR_KEY_ROW)
 #undef SPAR_KEY_ROW
@@ -38,16 +38,14 @@ const char *spar__origin_name(enum spar_origin origin) {
 
 int spar__key_find(const char *name) {
     for (int i = 0; i < SPAR_KEY_COUNT; i++)
-        if (strcmp(spar__keys[i].name, name) == 0)
-            return i;
+        if (strcmp(spar__keys[i].name, name) == 0) return i;
     return -1;
 }
 
 /* Edit distance, to suggest the key a typo meant. */
 static int distance(const char *a, const char *b) {
     size_t la = strlen(a), lb = strlen(b);
-    if (la > 63 || lb > 63)
-        return 99;
+    if (la > 63 || lb > 63) return 99;
     int row[64];
     for (size_t j = 0; j <= lb; j++)
         row[j] = (int)j;
@@ -76,8 +74,10 @@ static int unknown_key(const char *name, spar_err *err) {
         }
     }
     if (best >= 0)
-        return spar__err_set(err, SPAR_EINVAL, "unknown key '%s' (did you mean '%s'? "
-                             "`spar --help` lists every key)", name, spar__keys[best].name);
+        return spar__err_set(err, SPAR_EINVAL,
+                             "unknown key '%s' (did you mean '%s'? "
+                             "`spar --help` lists every key)",
+                             name, spar__keys[best].name);
     return spar__err_set(err, SPAR_EINVAL, "unknown key '%s' (`spar --help` lists every key)",
                          name);
 }
@@ -85,10 +85,8 @@ static int unknown_key(const char *name, spar_err *err) {
 static int parse_bool(const char *t, bool *out) {
     static const char *yes[] = {"true", "yes", "on", "1"}, *no[] = {"false", "no", "off", "0"};
     for (int i = 0; i < 4; i++) {
-        if (strcasecmp(t, yes[i]) == 0)
-            return *out = true, 1;
-        if (strcasecmp(t, no[i]) == 0)
-            return *out = false, 1;
+        if (strcasecmp(t, yes[i]) == 0) return *out = true, 1;
+        if (strcasecmp(t, no[i]) == 0) return *out = false, 1;
     }
     return 0;
 }
@@ -98,8 +96,7 @@ static int parse_int(const char *t, int64_t *out) {
     char *end;
     errno = 0;
     long long x = strtoll(t, &end, 10);
-    if (end == t || errno == ERANGE)
-        return 0;
+    if (end == t || errno == ERANGE) return 0;
     int shift = 0;
     switch (toupper((unsigned char)*end)) {
     case 'K': shift = 10, end++; break;
@@ -107,10 +104,8 @@ static int parse_int(const char *t, int64_t *out) {
     case 'G': shift = 30, end++; break;
     default: break;
     }
-    if (*end != '\0')
-        return 0;
-    if (shift && (x > (LLONG_MAX >> shift) || x < -(LLONG_MAX >> shift)))
-        return 0;
+    if (*end != '\0') return 0;
+    if (shift && (x > (LLONG_MAX >> shift) || x < -(LLONG_MAX >> shift))) return 0;
     *out = (int64_t)(x * (1LL << shift));
     return 1;
 }
@@ -119,8 +114,7 @@ static int parse_float(const char *t, double *out) {
     char *end;
     errno = 0;
     double x = strtod(t, &end);
-    if (end == t || *end != '\0' || errno == ERANGE || !isfinite(x))
-        return 0;
+    if (end == t || *end != '\0' || errno == ERANGE || !isfinite(x)) return 0;
     *out = x;
     return 1;
 }
@@ -130,8 +124,7 @@ static int enum_allows(const char *allowed, const char *t) {
     for (const char *p = allowed; *p;) {
         const char *bar = strchr(p, '|');
         size_t len = bar ? (size_t)(bar - p) : strlen(p);
-        if (len == n && strncmp(p, t, n) == 0)
-            return 1;
+        if (len == n && strncmp(p, t, n) == 0) return 1;
         p = bar ? bar + 1 : p + len;
     }
     return 0;
@@ -142,8 +135,7 @@ static int parse_value(const spar_key *k, const char *text, spar_value *v, spar_
     const char *bad = "";
     switch (k->type) {
     case SPAR_KT_BOOL:
-        if (parse_bool(text, &v->b))
-            break;
+        if (parse_bool(text, &v->b)) break;
         bad = "is not a boolean";
         goto fail;
     case SPAR_KT_INT:
@@ -199,8 +191,7 @@ void spar__config_defaults(spar_config *cfg) {
 int spar__config_set(spar_config *cfg, const char *name, const char *text, enum spar_origin origin,
                      int line, spar_err *err) {
     int id = spar__key_find(name);
-    if (id < 0)
-        return unknown_key(name, err);
+    if (id < 0) return unknown_key(name, err);
     if (origin == SPAR_FROM_FILE && cfg->origin[id] == SPAR_FROM_FILE)
         return spar__err_set(err, SPAR_EINVAL, "key %s is given twice in %s (lines %d and %d)",
                              name, cfg->file, cfg->line[id], line);

@@ -25,49 +25,49 @@ enum spar_key_type { SPAR_KT_BOOL, SPAR_KT_INT, SPAR_KT_FLOAT, SPAR_KT_ENUM, SPA
 /* X(id, name, type, default, allowed, min, max, doc). For ENUM, `allowed` lists the
  * values; for INT and FLOAT, [min, max] bounds the value ("auto" is accepted where the
  * default is "auto"). */
-#define SPAR_KEY_LIST(X)                                                                       \
-    X(ATTN_TYPE, "attention.type", ENUM, "softmax", "softmax|linear", 0, 0,                     \
-      "attention kind (linear attention is not available yet)")                                \
-    X(ATTN_CAUSAL, "attention.causal", BOOL, "true", "true|false", 0, 0,                       \
-      "key j is visible to query i only when j <= i")                                          \
-    X(ATTN_HEADS, "attention.heads", INT, "8", "integer >= 1", 1, 65536, "query heads H")       \
-    X(ATTN_KV_HEADS, "attention.kv_heads", INT, "0", "integer dividing heads; 0 = heads", 0,   \
-      65536, "key/value heads G (G < H is GQA/MQA)")                                           \
-    X(ATTN_HEAD_DIM, "attention.head_dim", INT, "64", "integer >= 1", 1, 65536,                \
-      "head dimension d")                                                                      \
-    X(ATTN_SCALE, "attention.scale", FLOAT, "auto", "auto or a number > 0", 1e-30, 1e30,       \
-      "softmax scale; auto = 1/sqrt(head_dim)")                                                \
+#define SPAR_KEY_LIST(X)                                                                           \
+    X(ATTN_TYPE, "attention.type", ENUM, "softmax", "softmax|linear", 0, 0,                        \
+      "attention kind (linear attention is not available yet)")                                    \
+    X(ATTN_CAUSAL, "attention.causal", BOOL, "true", "true|false", 0, 0,                           \
+      "key j is visible to query i only when j <= i")                                              \
+    X(ATTN_HEADS, "attention.heads", INT, "8", "integer >= 1", 1, 65536, "query heads H")          \
+    X(ATTN_KV_HEADS, "attention.kv_heads", INT, "0", "integer dividing heads; 0 = heads", 0,       \
+      65536, "key/value heads G (G < H is GQA/MQA)")                                               \
+    X(ATTN_HEAD_DIM, "attention.head_dim", INT, "64", "integer >= 1", 1, 65536,                    \
+      "head dimension d")                                                                          \
+    X(ATTN_SCALE, "attention.scale", FLOAT, "auto", "auto or a number > 0", 1e-30, 1e30,           \
+      "softmax scale; auto = 1/sqrt(head_dim)")                                                    \
     X(SEQ_LENGTH, "sequence.length", INT, "4096", "integer >= ranks (K, M, G = 2^10, 2^20, 2^30)", \
-      1, (double)(1LL << 40), "global sequence length N")                                      \
-    X(SEQ_PARTITION, "sequence.partition", ENUM, "zigzag", "contiguous|zigzag|stripe", 0, 0,   \
-      "how tokens are split over the ranks")                                                   \
-    X(PAR_METHOD, "parallel.method", ENUM, "ring", "ring|local|allgather|lasp1|lasp2", 0, 0,    \
-      "ring = K/V around a ring; local = whole sequence on rank 0 (reference)")               \
-    X(PAR_RANKS, "parallel.ranks", INT, "0", "integer >= 0", 0, 1 << 24,                       \
-      "ranks the plan needs; 0 = whatever mpirun/srun starts")                                 \
-    X(DATA_Q, "data.q", STRING, "", "path of a .npy file, float32 [N,H,d]", 0, 0,             \
-      "queries; random from data.seed when empty")                                             \
-    X(DATA_K, "data.k", STRING, "", "path of a .npy file, float32 [N,G,d]", 0, 0,             \
-      "keys; random from data.seed when empty")                                                \
-    X(DATA_V, "data.v", STRING, "", "path of a .npy file, float32 [N,G,d]", 0, 0,             \
-      "values; random from data.seed when empty")                                              \
-    X(DATA_SEED, "data.seed", INT, "1", "integer >= 0", 0, 9007199254740992.0,                 \
-      "seed of the random inputs (the same data whatever the partition)")                     \
-    X(OUT_O, "output.o", STRING, "", "path of a .npy file to write", 0, 0,                     \
-      "attention output [N,H,d] in global token order; empty = not written")                 \
-    X(OUT_LSE, "output.lse", STRING, "", "path of a .npy file to write", 0, 0,                 \
-      "log-sum-exp [N,H] in global token order; empty = not written")                        \
-    X(OUT_RESULTS, "output.results", STRING, "", "path of a JSON-lines file", 0, 0,            \
-      "one record per run is appended here; empty = none")                                     \
-    X(RUN_NAME, "run.name", STRING, "", "any text", 0, 0, "a label carried into the record")   \
-    X(RUN_VERIFY, "run.verify", BOOL, "false", "true|false", 0, 0,                             \
-      "recompute on rank 0 with the local method and report the error")                        \
-    X(RUN_VERIFY_TOL, "run.verify_tol", FLOAT, "1e-4", "number > 0", 1e-30, 1.0,               \
-      "largest relative L2 error that run.verify accepts (exit 3 beyond)")                     \
-    X(RUN_KERNEL, "run.kernel", ENUM, "auto", "auto|scalar", 0, 0, "kernel backend")           \
-    X(RUN_QUERY_BLOCK, "run.query_block", INT, "256", "integer >= 1", 1, 1 << 30,              \
-      "queries per kernel call; the ring makes progress between calls")                        \
-    X(COMM_TRANSPORT, "comm.transport", ENUM, "auto", "auto|ucx|ob1", 0, 0,                    \
+      1, (double)(1LL << 40), "global sequence length N")                                          \
+    X(SEQ_PARTITION, "sequence.partition", ENUM, "zigzag", "contiguous|zigzag|stripe", 0, 0,       \
+      "how tokens are split over the ranks")                                                       \
+    X(PAR_METHOD, "parallel.method", ENUM, "ring", "ring|local|allgather|lasp1|lasp2", 0, 0,       \
+      "ring = K/V around a ring; local = whole sequence on rank 0 (reference)")                    \
+    X(PAR_RANKS, "parallel.ranks", INT, "0", "integer >= 0", 0, 1 << 24,                           \
+      "ranks the plan needs; 0 = whatever mpirun/srun starts")                                     \
+    X(DATA_Q, "data.q", STRING, "", "path of a .npy file, float32 [N,H,d]", 0, 0,                  \
+      "queries; random from data.seed when empty")                                                 \
+    X(DATA_K, "data.k", STRING, "", "path of a .npy file, float32 [N,G,d]", 0, 0,                  \
+      "keys; random from data.seed when empty")                                                    \
+    X(DATA_V, "data.v", STRING, "", "path of a .npy file, float32 [N,G,d]", 0, 0,                  \
+      "values; random from data.seed when empty")                                                  \
+    X(DATA_SEED, "data.seed", INT, "1", "integer >= 0", 0, 9007199254740992.0,                     \
+      "seed of the random inputs (the same data whatever the partition)")                          \
+    X(OUT_O, "output.o", STRING, "", "path of a .npy file to write", 0, 0,                         \
+      "attention output [N,H,d] in global token order; empty = not written")                       \
+    X(OUT_LSE, "output.lse", STRING, "", "path of a .npy file to write", 0, 0,                     \
+      "log-sum-exp [N,H] in global token order; empty = not written")                              \
+    X(OUT_RESULTS, "output.results", STRING, "", "path of a JSON-lines file", 0, 0,                \
+      "one record per run is appended here; empty = none")                                         \
+    X(RUN_NAME, "run.name", STRING, "", "any text", 0, 0, "a label carried into the record")       \
+    X(RUN_VERIFY, "run.verify", BOOL, "false", "true|false", 0, 0,                                 \
+      "recompute on rank 0 with the local method and report the error")                            \
+    X(RUN_VERIFY_TOL, "run.verify_tol", FLOAT, "1e-4", "number > 0", 1e-30, 1.0,                   \
+      "largest relative L2 error that run.verify accepts (exit 3 beyond)")                         \
+    X(RUN_KERNEL, "run.kernel", ENUM, "auto", "auto|scalar", 0, 0, "kernel backend")               \
+    X(RUN_QUERY_BLOCK, "run.query_block", INT, "256", "integer >= 1", 1, 1 << 30,                  \
+      "queries per kernel call; the ring makes progress between calls")                            \
+    X(COMM_TRANSPORT, "comm.transport", ENUM, "auto", "auto|ucx|ob1", 0, 0,                        \
       "Open MPI PML: ucx where UCX works (auto), or ob1")
 
 enum spar_key_id {
@@ -151,9 +151,9 @@ int64_t spar__npy_write_header(int fd, int ndim, const int64_t *shape);
 
 /* tensor_io.c: rows of [N, row_floats] tensors, moved by partition. */
 typedef struct spar_row_source {
-    const char *path;       /* .npy file read by rank 0, or NULL for random data */
+    const char *path; /* .npy file read by rank 0, or NULL for random data */
     int64_t data_offset;
-    uint64_t seed, stream;  /* random data: value = f(seed, stream, row, column) */
+    uint64_t seed, stream; /* random data: value = f(seed, stream, row, column) */
 } spar_row_source;
 int spar__rows_scatter(spar_comm *comm, const spar_partition *part, const spar_row_source *src,
                        int64_t row_floats, float *local);
@@ -172,11 +172,11 @@ typedef struct spar_run_result {
     int ranks;
     double seconds, gflops_per_s, flops;
     double compute_seconds, wait_seconds;
-    double *bytes_sent;     /* [ranks] */
-    double *peak_mib;       /* [ranks] */
-    char *hosts;            /* [ranks][64] */
+    double *bytes_sent; /* [ranks] */
+    double *peak_mib;   /* [ranks] */
+    char *hosts;        /* [ranks][64] */
     bool verified;
-    double err_o, err_lse;  /* relative L2 vs the local method */
+    double err_o, err_lse; /* relative L2 vs the local method */
     const char *transport, *library;
 } spar_run_result;
 void spar__print_settings(const spar_config *cfg, int ranks, const char *transport);

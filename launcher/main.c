@@ -43,8 +43,7 @@ static int rank_from_environment(void) {
     static const char *vars[] = {"OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID"};
     for (size_t i = 0; i < sizeof vars / sizeof vars[0]; i++) {
         const char *v = getenv(vars[i]);
-        if (v && *v)
-            return atoi(v);
+        if (v && *v) return atoi(v);
     }
     return 0;
 }
@@ -66,8 +65,7 @@ static int parse_cli(int argc, char **argv, cli *out, bool file_required) {
         if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
             out->help = true;
         } else if (strcmp(a, "--set") == 0 || strcmp(a, "-s") == 0) {
-            if (i + 1 >= argc)
-                return usage_error("%s needs KEY=VALUE", a);
+            if (i + 1 >= argc) return usage_error("%s needs KEY=VALUE", a);
             out->sets[out->nsets++] = argv[++i];
         } else if (strncmp(a, "--set=", 6) == 0) {
             out->sets[out->nsets++] = a + 6;
@@ -87,16 +85,14 @@ static int parse_cli(int argc, char **argv, cli *out, bool file_required) {
 /* Defaults, then the file, then --set: the command line wins. */
 static int load_config(const cli *c, spar_config *cfg, spar_err *err) {
     spar__config_defaults(cfg);
-    if (c->file)
-        SPAR_TRY(spar__config_load_yaml(cfg, c->file, err));
+    if (c->file) SPAR_TRY(spar__config_load_yaml(cfg, c->file, err));
     for (int i = 0; i < c->nsets; i++)
         SPAR_TRY(spar__config_set_arg(cfg, c->sets[i], err));
     return SPAR_OK;
 }
 
 static int cmd_config(int argc, char **argv) {
-    if (argc < 1)
-        return usage_error("%s", "config needs show, check or schema");
+    if (argc < 1) return usage_error("%s", "config needs show, check or schema");
     if (strcmp(argv[0], "schema") == 0) {
         spar__print_schema_markdown();
         return SPAR_EXIT_OK;
@@ -135,13 +131,10 @@ static int distribute_plan(spar_comm *comm, const cli *c, spar_config *cfg) {
     spar_err err = {""};
     if (spar_comm_rank(comm) == 0) {
         int rc = load_config(c, cfg, &err);
-        if (rc == 0)
-            rc = spar__config_validate(cfg, spar_comm_size(comm), &err);
+        if (rc == 0) rc = spar__config_validate(cfg, spar_comm_size(comm), &err);
         size_t packed = 0;
-        if (rc == 0)
-            rc = spar__plan_pack(cfg, spar_comm_size(comm), &buf, &packed);
-        if (rc != 0)
-            spar_log_error("%s", err.msg[0] ? err.msg : spar_strerror(rc));
+        if (rc == 0) rc = spar__plan_pack(cfg, spar_comm_size(comm), &buf, &packed);
+        if (rc != 0) spar_log_error("%s", err.msg[0] ? err.msg : spar_strerror(rc));
         len = rc != 0 ? rc : (int64_t)packed;
     }
     SPAR_TRY(spar_comm_bcast(comm, &len, sizeof len, 0));
@@ -149,10 +142,10 @@ static int distribute_plan(spar_comm *comm, const cli *c, spar_config *cfg) {
         free(buf);
         return (int)len;
     }
-    if (spar_comm_rank(comm) != 0 && !(buf = malloc((size_t)len + 1)))
-        return SPAR_ENOMEM;
+    if (spar_comm_rank(comm) != 0 && !(buf = malloc((size_t)len + 1))) return SPAR_ENOMEM;
     int rc = spar_comm_bcast(comm, buf, (size_t)len, 0);
-    if (rc == 0 && spar_comm_rank(comm) != 0 && (rc = spar__plan_unpack(cfg, buf, (size_t)len, &err)))
+    if (rc == 0 && spar_comm_rank(comm) != 0 &&
+        (rc = spar__plan_unpack(cfg, buf, (size_t)len, &err)))
         spar_log_error("%s", err.msg);
     free(buf);
     return rc;
@@ -174,8 +167,7 @@ static int cmd_run(int argc, char **argv) {
     /* The transport must be chosen before MPI starts, so every rank reads it from the
      * same file and flags now; any error here is reported by rank 0 after start-up. */
     const char *transport = "auto";
-    if (cfg && load_config(&c, cfg, &err) == 0)
-        transport = cfg->v[SPAR_KEY_COMM_TRANSPORT].s;
+    if (cfg && load_config(&c, cfg, &err) == 0) transport = cfg->v[SPAR_KEY_COMM_TRANSPORT].s;
     spar_comm_prepare_transport(transport);
     spar_comm *comm = NULL;
     if (!cfg || spar_comm_init(&comm, &argc, &argv) != 0) {
@@ -196,21 +188,17 @@ static int cmd_run(int argc, char **argv) {
 
 int main(int argc, char **argv) {
     const char *level = getenv("SPAR_LOG");
-    if (level && strcmp(level, "debug") == 0)
-        spar_log_set_level(SPAR_LOG_DEBUG);
+    if (level && strcmp(level, "debug") == 0) spar_log_set_level(SPAR_LOG_DEBUG);
     if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
         usage(argc < 2 ? stderr : stdout);
-        if (argc >= 2)
-            spar__print_key_help();
+        if (argc >= 2) spar__print_key_help();
         return argc < 2 ? SPAR_EXIT_BAD_INPUT : SPAR_EXIT_OK;
     }
     if (strcmp(argv[1], "--version") == 0) {
         printf("spar %s\n", SPAR_VERSION);
         return SPAR_EXIT_OK;
     }
-    if (strcmp(argv[1], "run") == 0)
-        return cmd_run(argc - 2, argv + 2);
-    if (strcmp(argv[1], "config") == 0)
-        return cmd_config(argc - 2, argv + 2);
+    if (strcmp(argv[1], "run") == 0) return cmd_run(argc - 2, argv + 2);
+    if (strcmp(argv[1], "config") == 0) return cmd_config(argc - 2, argv + 2);
     return usage_error("unknown command '%s' (allowed: run, config)", argv[1]);
 }

@@ -21,13 +21,11 @@ static const char *dict_value(const char *dict, const char *key) {
     char quoted[32];
     snprintf(quoted, sizeof quoted, "'%s'", key);
     const char *p = strstr(dict, quoted);
-    if (!p)
-        return NULL;
+    if (!p) return NULL;
     p += strlen(quoted);
     while (isspace((unsigned char)*p))
         p++;
-    if (*p != ':')
-        return NULL;
+    if (*p != ':') return NULL;
     p++;
     while (isspace((unsigned char)*p))
         p++;
@@ -35,22 +33,18 @@ static const char *dict_value(const char *dict, const char *key) {
 }
 
 static int parse_shape(const char *p, spar_npy_info *info) {
-    if (*p != '(')
-        return 0;
+    if (*p != '(') return 0;
     p++;
     info->ndim = 0;
     for (;;) {
         while (isspace((unsigned char)*p) || *p == ',')
             p++;
-        if (*p == ')')
-            return 1;
-        if (!isdigit((unsigned char)*p) || info->ndim == 8)
-            return 0;
+        if (*p == ')') return 1;
+        if (!isdigit((unsigned char)*p) || info->ndim == 8) return 0;
         char *end;
         errno = 0;
         long long x = strtoll(p, &end, 10);
-        if (errno == ERANGE || x < 0)
-            return 0;
+        if (errno == ERANGE || x < 0) return 0;
         info->shape[info->ndim++] = x;
         p = end;
     }
@@ -59,11 +53,9 @@ static int parse_shape(const char *p, spar_npy_info *info) {
 static int parse_dict(const char *dict, spar_npy_info *info) {
     const char *d = dict_value(dict, "descr"), *f = dict_value(dict, "fortran_order");
     const char *s = dict_value(dict, "shape");
-    if (!d || !f || !s || *d != '\'')
-        return 0;
+    if (!d || !f || !s || *d != '\'') return 0;
     const char *end = strchr(d + 1, '\'');
-    if (!end || end - d - 1 >= (long)sizeof info->descr)
-        return 0;
+    if (!end || end - d - 1 >= (long)sizeof info->descr) return 0;
     memcpy(info->descr, d + 1, (size_t)(end - d - 1));
     info->descr[end - d - 1] = '\0';
     if (strncmp(f, "True", 4) == 0)
@@ -81,8 +73,7 @@ int spar__npy_read_info(const char *path, spar_npy_info *info, spar_err *err) {
     if (stat(path, &st) == 0 && S_ISDIR(st.st_mode))
         return spar__err_set(err, SPAR_EIO, "'%s' is a directory, not a .npy file", path);
     FILE *fp = fopen(path, "rb");
-    if (!fp)
-        return spar__err_set(err, SPAR_EIO, "cannot open '%s': %s", path, strerror(errno));
+    if (!fp) return spar__err_set(err, SPAR_EIO, "cannot open '%s': %s", path, strerror(errno));
     unsigned char pre[12];
     int rc = SPAR_EFORMAT;
     char *dict = NULL;
@@ -101,8 +92,8 @@ int spar__npy_read_info(const char *path, spar_npy_info *info, spar_err *err) {
                                    (size_t)pre[11] << 24;
     size_t prefix = major == 1 ? 10 : 12;
     if (major < 1 || major > 3 || hlen > MAX_HEADER) {
-        spar__err_set(err, rc, "'%s': unsupported .npy version %d or header size %zu", path,
-                      major, hlen);
+        spar__err_set(err, rc, "'%s': unsupported .npy version %d or header size %zu", path, major,
+                      hlen);
         goto done;
     }
     dict = calloc(1, hlen + 1);
@@ -125,24 +116,26 @@ done:
 static void shape_text(int ndim, const int64_t *shape, char *out, size_t len) {
     size_t used = (size_t)snprintf(out, len, "(");
     for (int i = 0; i < ndim && used < len; i++)
-        used += (size_t)snprintf(out + used, len - used, "%s%lld", i ? ", " : "",
-                                 (long long)shape[i]);
-    if (used < len)
-        snprintf(out + used, len - used, ")");
+        used +=
+            (size_t)snprintf(out + used, len - used, "%s%lld", i ? ", " : "", (long long)shape[i]);
+    if (used < len) snprintf(out + used, len - used, ")");
 }
 
 int spar__npy_check(const char *key, const char *path, int ndim, const int64_t *shape,
                     spar_npy_info *info, spar_err *err) {
     spar_err inner;
     int rc = spar__npy_read_info(path, info, &inner);
-    if (rc != 0)
-        return spar__err_set(err, rc, "key %s: %s", key, inner.msg);
+    if (rc != 0) return spar__err_set(err, rc, "key %s: %s", key, inner.msg);
     if (strcmp(info->descr, "<f4") != 0)
-        return spar__err_set(err, SPAR_ESHAPE, "key %s: '%s' has dtype '%s' but float32 ('<f4') "
-                             "is required (use arr.astype(np.float32))", key, path, info->descr);
+        return spar__err_set(err, SPAR_ESHAPE,
+                             "key %s: '%s' has dtype '%s' but float32 ('<f4') "
+                             "is required (use arr.astype(np.float32))",
+                             key, path, info->descr);
     if (info->fortran_order)
-        return spar__err_set(err, SPAR_ESHAPE, "key %s: '%s' is in Fortran order but C order is "
-                             "required (use np.ascontiguousarray)", key, path);
+        return spar__err_set(err, SPAR_ESHAPE,
+                             "key %s: '%s' is in Fortran order but C order is "
+                             "required (use np.ascontiguousarray)",
+                             key, path);
     char want[96], got[96];
     shape_text(ndim, shape, want, sizeof want);
     shape_text(info->ndim, info->shape, got, sizeof got);
@@ -150,15 +143,17 @@ int spar__npy_check(const char *key, const char *path, int ndim, const int64_t *
     for (int i = 0; same && i < ndim; i++)
         same = info->shape[i] == shape[i];
     if (!same)
-        return spar__err_set(err, SPAR_ESHAPE, "key %s: '%s' has shape %s but %s is required",
-                             key, path, got, want);
+        return spar__err_set(err, SPAR_ESHAPE, "key %s: '%s' has shape %s but %s is required", key,
+                             path, got, want);
     double bytes = 4.0;
     for (int i = 0; i < ndim; i++)
         bytes *= (double)shape[i];
     struct stat st;
     if (stat(path, &st) != 0 || (double)st.st_size < (double)info->data_offset + bytes)
-        return spar__err_set(err, SPAR_EFORMAT, "key %s: '%s' is truncated: shape %s needs %.0f "
-                             "data bytes", key, path, got, bytes);
+        return spar__err_set(err, SPAR_EFORMAT,
+                             "key %s: '%s' is truncated: shape %s needs %.0f "
+                             "data bytes",
+                             key, path, got, bytes);
     return SPAR_OK;
 }
 
@@ -167,8 +162,8 @@ int64_t spar__npy_write_header(int fd, int ndim, const int64_t *shape) {
     shape_text(ndim, shape, shp, sizeof shp);
     if (ndim == 1) /* a one-element tuple needs its comma */
         snprintf(shp, sizeof shp, "(%lld,)", (long long)shape[0]);
-    int n = snprintf(dict, sizeof dict, "{'descr': '<f4', 'fortran_order': False, 'shape': %s, }",
-                     shp);
+    int n =
+        snprintf(dict, sizeof dict, "{'descr': '<f4', 'fortran_order': False, 'shape': %s, }", shp);
     size_t total = 10 + (size_t)n + 1; /* magic+version+len, dict, newline */
     size_t pad = (64 - total % 64) % 64;
     size_t hlen = (size_t)n + pad + 1;
@@ -180,7 +175,6 @@ int64_t spar__npy_write_header(int fd, int ndim, const int64_t *shape) {
     memset(head + 10 + n, ' ', pad);
     head[10 + (size_t)n + pad] = '\n';
     size_t len = 10 + hlen;
-    if (write(fd, head, len) != (ssize_t)len)
-        return -1;
+    if (write(fd, head, len) != (ssize_t)len) return -1;
     return (int64_t)len;
 }

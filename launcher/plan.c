@@ -37,8 +37,7 @@ int spar__plan_pack(const spar_config *cfg, int world_size, uint8_t **out, size_
     plan.settings = ptrs;
     *len = spar__run_plan__get_packed_size(&plan);
     *out = malloc(*len ? *len : 1);
-    if (!*out)
-        return SPAR_ENOMEM;
+    if (!*out) return SPAR_ENOMEM;
     spar__run_plan__pack(&plan, *out);
     return SPAR_OK;
 }
@@ -91,7 +90,8 @@ int spar__plan_unpack(spar_config *cfg, const uint8_t *buf, size_t len, spar_err
         rc = unpack_setting(cfg, plan->settings[i], seen, err);
     for (int i = 0; i < SPAR_KEY_COUNT && rc == 0; i++)
         if (!seen[i])
-            rc = spar__err_set(err, SPAR_EFORMAT, "run plan: key %s is missing", spar__keys[i].name);
+            rc =
+                spar__err_set(err, SPAR_EFORMAT, "run plan: key %s is missing", spar__keys[i].name);
     if (rc == 0 && spar__config_recheck(cfg, err) != 0)
         rc = SPAR_EFORMAT; /* a value no file or --set could have given */
 done:

@@ -34,17 +34,18 @@ void spar__config_print(const spar_config *cfg, bool with_origin) {
         bool quote = spar__keys[i].type == SPAR_KT_STRING;
         if (with_origin)
             printf("%-20s %s%s%s%*s# %s\n", spar__keys[i].name, quote ? "\"" : "", val,
-                   quote ? "\"" : "", (int)(24 - strlen(val) - (quote ? 2 : 0)) > 0
-                   ? (int)(24 - strlen(val) - (quote ? 2 : 0)) : 1, "",
-                   spar__origin_name(cfg->origin[i]));
+                   quote ? "\"" : "",
+                   (int)(24 - strlen(val) - (quote ? 2 : 0)) > 0
+                       ? (int)(24 - strlen(val) - (quote ? 2 : 0))
+                       : 1,
+                   "", spar__origin_name(cfg->origin[i]));
         else
             printf("%s: %s%s%s\n", spar__keys[i].name, quote ? "\"" : "", val, quote ? "\"" : "");
     }
 }
 
 void spar__print_settings(const spar_config *cfg, int ranks, const char *transport) {
-    if (spar_log_rank() > 0)
-        return;
+    if (spar_log_rank() > 0) return;
     printf("# spar %s (%s)  ranks=%d  transport=%s\n", SPAR_VERSION, SPAR_GIT_COMMIT, ranks,
            transport);
     printf("# settings%s%s\n", *cfg->file ? " from " : "", cfg->file);
@@ -67,8 +68,7 @@ static double max_of(const double *x, int n) {
 void spar__print_result_table(const spar_run_result *res) {
     const spar_config *c = res->cfg;
     char err[32] = "-";
-    if (res->verified)
-        snprintf(err, sizeof err, "%.2e", fmax(res->err_o, res->err_lse));
+    if (res->verified) snprintf(err, sizeof err, "%.2e", fmax(res->err_o, res->err_lse));
     printf("#%7s %5s %9s %5s %8s %8s %10s %6s %9s %9s %13s %13s %11s\n", "method", "ranks", "N",
            "heads", "kv_heads", "head_dim", "partition", "causal", "time_s", "GFLOP/s",
            "sent_MiB/rank", "peak_MiB/rank", "max_rel_err");
@@ -77,8 +77,7 @@ void spar__print_result_table(const spar_run_result *res) {
            (long long)c->v[SPAR_KEY_ATTN_HEADS].i, (long long)c->v[SPAR_KEY_ATTN_KV_HEADS].i,
            (long long)c->v[SPAR_KEY_ATTN_HEAD_DIM].i, c->v[SPAR_KEY_SEQ_PARTITION].s,
            c->v[SPAR_KEY_ATTN_CAUSAL].b ? "true" : "false", res->seconds, res->gflops_per_s,
-           max_of(res->bytes_sent, res->ranks) / 1048576.0, max_of(res->peak_mib, res->ranks),
-           err);
+           max_of(res->bytes_sent, res->ranks) / 1048576.0, max_of(res->peak_mib, res->ranks), err);
     fflush(stdout);
 }
 
@@ -107,8 +106,7 @@ static void json_number(FILE *f, double x) {
 static void json_array(FILE *f, const char *name, const double *x, int n) {
     fprintf(f, ",\"%s\":[", name);
     for (int i = 0; i < n; i++) {
-        if (i)
-            fputc(',', f);
+        if (i) fputc(',', f);
         json_number(f, x[i]);
     }
     fputc(']', f);
@@ -136,8 +134,7 @@ int spar__append_record(const char *path, const spar_run_result *res) {
     char *buf = NULL;
     size_t len = 0;
     FILE *f = open_memstream(&buf, &len);
-    if (!f)
-        return SPAR_ENOMEM;
+    if (!f) return SPAR_ENOMEM;
     char when[32];
     time_t now = time(NULL);
     strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", gmtime(&now));
@@ -160,8 +157,7 @@ int spar__append_record(const char *path, const spar_run_result *res) {
     json_array(f, "peak_mib_per_rank", res->peak_mib, res->ranks);
     fputs(",\"hosts\":[", f);
     for (int r = 0; r < res->ranks; r++) {
-        if (r)
-            fputc(',', f);
+        if (r) fputc(',', f);
         json_string(f, res->hosts + 64 * r);
     }
     fputs("],\"verified\":", f);
@@ -180,8 +176,7 @@ int spar__append_record(const char *path, const spar_run_result *res) {
     if (fd < 0 || write(fd, buf, len) != (ssize_t)len)
         rc = spar_errorf(SPAR_EIO, "key output.results: cannot append to '%s': %s", path,
                          strerror(errno));
-    if (fd >= 0)
-        close(fd);
+    if (fd >= 0) close(fd);
     free(buf);
     return rc;
 }

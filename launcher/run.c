@@ -16,7 +16,7 @@
 
 typedef struct tensors {
     float *q, *k, *v, *o, *lse;
-    int64_t n;            /* tokens held */
+    int64_t n;             /* tokens held */
     int64_t q_row, kv_row; /* floats per token */
 } tensors;
 
@@ -51,8 +51,7 @@ static spar_row_source source_for(const spar_config *cfg, int key, uint64_t stre
 /* The data offset of each input file (validated on rank 0; re-read here on the rank
  * that reads it). */
 static int resolve_source(spar_row_source *src) {
-    if (!src->path)
-        return SPAR_OK;
+    if (!src->path) return SPAR_OK;
     spar_npy_info info;
     spar_err err;
     if (spar__npy_read_info(src->path, &info, &err) != 0)
@@ -81,8 +80,8 @@ static int load_inputs(spar_comm *comm, const spar_config *cfg, const spar_parti
 
 static void show_progress(void *ctx, const char *phase, int64_t done, int64_t total) {
     double t0 = *(const double *)ctx;
-    printf("# progress: %s %lld/%lld (%.0f%%), %.2f s\n", phase, (long long)done,
-           (long long)total, 100.0 * (double)done / (double)total, spar_comm_wtime() - t0);
+    printf("# progress: %s %lld/%lld (%.0f%%), %.2f s\n", phase, (long long)done, (long long)total,
+           100.0 * (double)done / (double)total, spar_comm_wtime() - t0);
     fflush(stdout);
 }
 
@@ -104,12 +103,10 @@ static int verify(spar_comm *comm, const spar_config *cfg, const spar_softmax_pr
     int64_t n = prob->part->n;
     tensors ref = {0}, got = {0};
     int rc = rank == 0 ? tensors_alloc(&got, n, &prob->dims) : SPAR_OK;
-    if (rc != 0)
-        return rc;
+    if (rc != 0) return rc;
     SPAR_TRY(spar__rows_gather(comm, prob->part, mine->q_row, mine->o, got.o));
     SPAR_TRY(spar__rows_gather(comm, prob->part, prob->dims.heads, mine->lse, got.lse));
-    if (rank != 0)
-        return SPAR_OK;
+    if (rank != 0) return SPAR_OK;
     spar_partition whole;
     spar_partition_init(&whole, SPAR_PARTITION_CONTIGUOUS, n, 1);
     spar_softmax_problem local = *prob;
@@ -131,11 +128,13 @@ static int verify(spar_comm *comm, const spar_config *cfg, const spar_softmax_pr
 
 static int write_outputs(spar_comm *comm, const spar_config *cfg, const spar_partition *part,
                          const spar_attn_dims *dims, const tensors *t) {
-    int64_t shape_o[3] = {part->n, dims->heads, dims->head_dim}, shape_lse[2] = {part->n, dims->heads};
+    int64_t shape_o[3] = {part->n, dims->heads, dims->head_dim},
+            shape_lse[2] = {part->n, dims->heads};
     if (cfg->v[SPAR_KEY_OUT_O].s[0])
         SPAR_TRY(spar__rows_write_npy(comm, part, cfg->v[SPAR_KEY_OUT_O].s, 3, shape_o, t->o));
     if (cfg->v[SPAR_KEY_OUT_LSE].s[0])
-        SPAR_TRY(spar__rows_write_npy(comm, part, cfg->v[SPAR_KEY_OUT_LSE].s, 2, shape_lse, t->lse));
+        SPAR_TRY(
+            spar__rows_write_npy(comm, part, cfg->v[SPAR_KEY_OUT_LSE].s, 2, shape_lse, t->lse));
     return SPAR_OK;
 }
 
@@ -151,8 +150,7 @@ static int collect_figures(spar_comm *comm, const spar_metrics *m, spar_run_resu
     res->bytes_sent = calloc((size_t)p, sizeof(double));
     res->peak_mib = calloc((size_t)p, sizeof(double));
     res->hosts = calloc((size_t)p, 64);
-    if (!res->bytes_sent || !res->peak_mib || !res->hosts)
-        return SPAR_ENOMEM;
+    if (!res->bytes_sent || !res->peak_mib || !res->hosts) return SPAR_ENOMEM;
     SPAR_TRY(spar_comm_gather(comm, &sent, sizeof sent, res->bytes_sent, 0));
     SPAR_TRY(spar_comm_gather(comm, &peak, sizeof peak, res->peak_mib, 0));
     SPAR_TRY(spar_comm_gather(comm, host, sizeof host, res->hosts, 0));
@@ -171,8 +169,7 @@ static int collect_figures(spar_comm *comm, const spar_metrics *m, spar_run_resu
 static int compute(spar_comm *comm, const spar_softmax_problem *prob, bool local, tensors *t,
                    spar_metrics *m) {
     SPAR_TRY(spar_comm_barrier(comm));
-    if (!local)
-        return spar_ring_attn_forward(comm, prob, t->q, t->k, t->v, t->o, t->lse, m);
+    if (!local) return spar_ring_attn_forward(comm, prob, t->q, t->k, t->v, t->o, t->lse, m);
     if (spar_comm_rank(comm) == 0)
         return spar_local_attn_forward(prob, t->q, t->k, t->v, t->o, t->lse, m);
     *m = (spar_metrics){0};
@@ -202,19 +199,18 @@ static int report(spar_comm *comm, const spar_config *cfg, const spar_run_result
         spar__print_result_table(res);
         double tol = cfg->v[SPAR_KEY_RUN_VERIFY_TOL].f, err = fmax(res->err_o, res->err_lse);
         if (res->verified && !(err <= tol))
-            verdict = spar_errorf(SPAR_EVERIFY, "verification FAILED: relative L2 error %.3e "
-                                  "(o %.3e, lse %.3e) exceeds run.verify_tol=%.3g", err,
-                                  res->err_o, res->err_lse, tol);
+            verdict = spar_errorf(SPAR_EVERIFY,
+                                  "verification FAILED: relative L2 error %.3e "
+                                  "(o %.3e, lse %.3e) exceeds run.verify_tol=%.3g",
+                                  err, res->err_o, res->err_lse, tol);
         else if (res->verified)
             printf("# verify: passed (relative L2 error o %.3e, lse %.3e; tolerance %.3g)\n",
                    res->err_o, res->err_lse, tol);
         const char *path = cfg->v[SPAR_KEY_OUT_RESULTS].s;
-        if (*path && spar__append_record(path, res) != 0 && verdict == 0)
-            verdict = SPAR_EIO;
+        if (*path && spar__append_record(path, res) != 0 && verdict == 0) verdict = SPAR_EIO;
         fflush(stdout);
     }
-    if (spar_comm_agree(comm, verdict, &worst) != 0)
-        return SPAR_EXIT_FAILURE;
+    if (spar_comm_agree(comm, verdict, &worst) != 0) return SPAR_EXIT_FAILURE;
     return worst == SPAR_EVERIFY ? SPAR_EXIT_VERIFY : worst ? SPAR_EXIT_FAILURE : SPAR_EXIT_OK;
 }
 
@@ -231,11 +227,10 @@ int spar__run_plan(spar_comm *comm, const spar_config *cfg) {
     int rank = spar_comm_rank(comm), p = spar_comm_size(comm), worst = 0;
     bool local = strcmp(cfg->v[SPAR_KEY_PAR_METHOD].s, "local") == 0;
     spar_partition part;
-    enum spar_partition_kind kind = strcmp(cfg->v[SPAR_KEY_SEQ_PARTITION].s, "zigzag") == 0
-                                        ? SPAR_PARTITION_ZIGZAG
-                                    : strcmp(cfg->v[SPAR_KEY_SEQ_PARTITION].s, "stripe") == 0
-                                        ? SPAR_PARTITION_STRIPE
-                                        : SPAR_PARTITION_CONTIGUOUS;
+    enum spar_partition_kind kind =
+        strcmp(cfg->v[SPAR_KEY_SEQ_PARTITION].s, "zigzag") == 0   ? SPAR_PARTITION_ZIGZAG
+        : strcmp(cfg->v[SPAR_KEY_SEQ_PARTITION].s, "stripe") == 0 ? SPAR_PARTITION_STRIPE
+                                                                  : SPAR_PARTITION_CONTIGUOUS;
     int64_t n = cfg->v[SPAR_KEY_SEQ_LENGTH].i;
     spar_partition_init(&part, local ? SPAR_PARTITION_CONTIGUOUS : kind, n, local ? 1 : p);
     spar_softmax_problem prob;
@@ -254,19 +249,17 @@ int spar__run_plan(spar_comm *comm, const spar_config *cfg) {
         return spar_status_is_input_error(worst) ? SPAR_EXIT_BAD_INPUT : SPAR_EXIT_FAILURE;
     }
     spar_metrics m = {0};
-    spar_run_result res = {.cfg = cfg, .transport = spar_comm_transport(comm),
-                           .library = spar_comm_library(comm)};
+    spar_run_result res = {
+        .cfg = cfg, .transport = spar_comm_transport(comm), .library = spar_comm_library(comm)};
     if ((rc = compute(comm, &prob, local, &t, &m)) != 0) {
-        spar_log_error("%s method failed (%s); stopping every rank",
-                       cfg->v[SPAR_KEY_PAR_METHOD].s, spar_strerror(rc));
+        spar_log_error("%s method failed (%s); stopping every rank", cfg->v[SPAR_KEY_PAR_METHOD].s,
+                       spar_strerror(rc));
         spar_comm_abort(comm, SPAR_EXIT_FAILURE);
     }
     /* From here a failure on one rank cannot be agreed on safely (the others may be
      * inside a gather with it), except for output writing, which drains regardless. */
-    if ((rc = collect_figures(comm, &m, &res)) != 0)
-        spar_comm_abort(comm, SPAR_EXIT_FAILURE);
-    if (!local || rank == 0)
-        rc = write_outputs(comm, cfg, &part, &prob.dims, &t);
+    if ((rc = collect_figures(comm, &m, &res)) != 0) spar_comm_abort(comm, SPAR_EXIT_FAILURE);
+    if (!local || rank == 0) rc = write_outputs(comm, cfg, &part, &prob.dims, &t);
     if (spar_comm_agree(comm, rc, &worst) != 0 || worst != 0)
         return finish(&t, &res, SPAR_EXIT_FAILURE);
     if (cfg->v[SPAR_KEY_RUN_VERIFY].b && local)

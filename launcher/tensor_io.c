@@ -54,8 +54,7 @@ int spar__rows_fill(const spar_row_source *src, const spar_partition *part, int 
                     int64_t row_floats, float *out) {
     int64_t nseg = spar_partition_segments(part, rank, NULL);
     spar_segment *seg = malloc(sizeof *seg * (size_t)nseg);
-    if (!seg)
-        return SPAR_ENOMEM;
+    if (!seg) return SPAR_ENOMEM;
     spar_partition_segments(part, rank, seg);
     int rc = SPAR_OK, fd = -1;
     if (src->path && (fd = open(src->path, O_RDONLY)) < 0)
@@ -70,8 +69,7 @@ int spar__rows_fill(const spar_row_source *src, const spar_partition *part, int 
         for (int64_t i = 0; i < seg[s].len * row_floats; i++)
             dst[i] = random_normal(key, (uint64_t)(seg[s].start * row_floats + i));
     }
-    if (fd >= 0)
-        close(fd);
+    if (fd >= 0) close(fd);
     free(seg);
     return rc;
 }
@@ -79,16 +77,14 @@ int spar__rows_fill(const spar_row_source *src, const spar_partition *part, int 
 int spar__rows_scatter(spar_comm *comm, const spar_partition *part, const spar_row_source *src,
                        int64_t row_floats, float *local) {
     int rank = spar_comm_rank(comm);
-    if (!src->path)
-        return spar__rows_fill(src, part, rank, row_floats, local);
+    if (!src->path) return spar__rows_fill(src, part, rank, row_floats, local);
     size_t row_bytes = (size_t)row_floats * sizeof(float);
     if (rank != 0)
         return spar_comm_recv(comm, local, (size_t)spar_partition_local_len(part, rank) * row_bytes,
                               0, TAG_ROWS);
     int status = SPAR_OK;
     float *tmp = malloc((size_t)spar_partition_max_local_len(part) * row_bytes);
-    if (!tmp)
-        return SPAR_ENOMEM; /* the launcher aborts: the other ranks are waiting */
+    if (!tmp) return SPAR_ENOMEM; /* the launcher aborts: the other ranks are waiting */
     for (int r = 1; r < part->ranks; r++) {
         size_t bytes = (size_t)spar_partition_local_len(part, r) * row_bytes;
         int rc = spar__rows_fill(src, part, r, row_floats, tmp);
@@ -128,8 +124,8 @@ static int collect(spar_comm *comm, const spar_partition *part, int64_t row_floa
     for (int r = 0; r < part->ranks; r++) {
         const float *rows = local;
         if (r > 0) {
-            int rc = spar_comm_recv(comm, tmp, (size_t)spar_partition_local_len(part, r) * row_bytes,
-                                    r, TAG_ROWS);
+            int rc = spar_comm_recv(
+                comm, tmp, (size_t)spar_partition_local_len(part, r) * row_bytes, r, TAG_ROWS);
             if (rc != 0) {
                 status = rc;
                 break;
@@ -157,8 +153,7 @@ static int place_in_file(void *ctx, const spar_segment *seg, const float *rows) 
     off_t off = (off_t)(f->data_offset + seg->start * f->row_floats * (int64_t)sizeof(float));
     for (size_t done = 0; done < bytes;) {
         ssize_t put = pwrite(f->fd, (const char *)rows + done, bytes - done, off + (off_t)done);
-        if (put <= 0)
-            return spar_errorf(SPAR_EIO, "writing '%s': %s", f->path, strerror(errno));
+        if (put <= 0) return spar_errorf(SPAR_EIO, "writing '%s': %s", f->path, strerror(errno));
         done += (size_t)put;
     }
     return SPAR_OK;
@@ -169,8 +164,7 @@ int spar__rows_write_npy(spar_comm *comm, const spar_partition *part, const char
     int64_t row_floats = 1;
     for (int i = 1; i < ndim; i++)
         row_floats *= shape[i];
-    if (spar_comm_rank(comm) != 0)
-        return collect(comm, part, row_floats, local, NULL, NULL);
+    if (spar_comm_rank(comm) != 0) return collect(comm, part, row_floats, local, NULL, NULL);
     /* Write beside the final name, then rename: readers never see half a file. */
     char tmp_path[4200];
     snprintf(tmp_path, sizeof tmp_path, "%s.tmp-%d", path, (int)getpid());
@@ -190,8 +184,7 @@ int spar__rows_write_npy(spar_comm *comm, const spar_partition *part, const char
     if (rc == 0 && rename(tmp_path, path) != 0)
         rc = spar_errorf(SPAR_EIO, "cannot rename '%s' to '%s': %s", tmp_path, path,
                          strerror(errno));
-    if (rc != 0 && f.fd >= 0)
-        unlink(tmp_path);
+    if (rc != 0 && f.fd >= 0) unlink(tmp_path);
     return rc;
 }
 

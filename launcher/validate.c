@@ -23,12 +23,16 @@ static const char *key_str(const spar_config *cfg, int id) {
 
 static int check_methods(const spar_config *cfg, spar_err *err) {
     if (strcmp(key_str(cfg, SPAR_KEY_ATTN_TYPE), "softmax") != 0)
-        return spar__err_set(err, SPAR_EUNSUP, "key attention.type: '%s' is not available yet "
-                             "(allowed now: softmax)", key_str(cfg, SPAR_KEY_ATTN_TYPE));
+        return spar__err_set(err, SPAR_EUNSUP,
+                             "key attention.type: '%s' is not available yet "
+                             "(allowed now: softmax)",
+                             key_str(cfg, SPAR_KEY_ATTN_TYPE));
     const char *method = key_str(cfg, SPAR_KEY_PAR_METHOD);
     if (strcmp(method, "ring") != 0 && strcmp(method, "local") != 0)
-        return spar__err_set(err, SPAR_EUNSUP, "key parallel.method: '%s' is not available yet "
-                             "(allowed now: ring|local)", method);
+        return spar__err_set(err, SPAR_EUNSUP,
+                             "key parallel.method: '%s' is not available yet "
+                             "(allowed now: ring|local)",
+                             method);
     return SPAR_OK;
 }
 
@@ -37,7 +41,8 @@ static int check_heads(spar_config *cfg, spar_err *err) {
     if (g == 0) /* resolve the default here so that every rank sees the same number */
         cfg->v[SPAR_KEY_ATTN_KV_HEADS].i = g = h;
     if (g > h || h % g != 0)
-        return spar__err_set(err, SPAR_EINVAL, "key attention.kv_heads: %lld does not divide "
+        return spar__err_set(err, SPAR_EINVAL,
+                             "key attention.kv_heads: %lld does not divide "
                              "attention.heads=%lld (allowed: a divisor of the heads)",
                              (long long)g, (long long)h);
     return SPAR_OK;
@@ -46,12 +51,14 @@ static int check_heads(spar_config *cfg, spar_err *err) {
 static int check_ranks(const spar_config *cfg, int world_size, spar_err *err) {
     int64_t want = key_int(cfg, SPAR_KEY_PAR_RANKS), n = key_int(cfg, SPAR_KEY_SEQ_LENGTH);
     if (world_size > 0 && want > 0 && want != world_size)
-        return spar__err_set(err, SPAR_EINVAL, "key parallel.ranks: the plan needs %lld ranks but "
+        return spar__err_set(err, SPAR_EINVAL,
+                             "key parallel.ranks: the plan needs %lld ranks but "
                              "the job has %d (start it with -np %lld, or set parallel.ranks=0)",
                              (long long)want, world_size, (long long)want);
     int64_t p = world_size > 0 ? world_size : want;
     if (p > 0 && n < p)
-        return spar__err_set(err, SPAR_EINVAL, "key sequence.length: %lld is smaller than the "
+        return spar__err_set(err, SPAR_EINVAL,
+                             "key sequence.length: %lld is smaller than the "
                              "number of ranks (%lld): every rank needs at least one token",
                              (long long)n, (long long)p);
     return SPAR_OK;
@@ -60,10 +67,13 @@ static int check_ranks(const spar_config *cfg, int world_size, spar_err *err) {
 /* An element count times bytes that must fit in memory addresses at all. */
 static int check_sizes(const spar_config *cfg, spar_err *err) {
     double n = (double)key_int(cfg, SPAR_KEY_SEQ_LENGTH);
-    double row = (double)key_int(cfg, SPAR_KEY_ATTN_HEADS) * (double)key_int(cfg, SPAR_KEY_ATTN_HEAD_DIM);
+    double row =
+        (double)key_int(cfg, SPAR_KEY_ATTN_HEADS) * (double)key_int(cfg, SPAR_KEY_ATTN_HEAD_DIM);
     if (n * row * 4.0 > 9.0e18)
-        return spar__err_set(err, SPAR_EINVAL, "sequence.length x heads x head_dim = %.3g elements "
-                             "is too large to address", n * row);
+        return spar__err_set(err, SPAR_EINVAL,
+                             "sequence.length x heads x head_dim = %.3g elements "
+                             "is too large to address",
+                             n * row);
     return SPAR_OK;
 }
 
@@ -97,8 +107,10 @@ static int check_inputs(const spar_config *cfg, spar_err *err) {
     int64_t n = key_int(cfg, SPAR_KEY_SEQ_LENGTH), d = key_int(cfg, SPAR_KEY_ATTN_HEAD_DIM);
     int64_t shape_q[3] = {n, key_int(cfg, SPAR_KEY_ATTN_HEADS), d};
     int64_t shape_kv[3] = {n, key_int(cfg, SPAR_KEY_ATTN_KV_HEADS), d};
-    static const struct { int id; int is_q; } inputs[] = {
-        {SPAR_KEY_DATA_Q, 1}, {SPAR_KEY_DATA_K, 0}, {SPAR_KEY_DATA_V, 0}};
+    static const struct {
+        int id;
+        int is_q;
+    } inputs[] = {{SPAR_KEY_DATA_Q, 1}, {SPAR_KEY_DATA_K, 0}, {SPAR_KEY_DATA_V, 0}};
     for (size_t i = 0; i < 3; i++) {
         const char *path = key_str(cfg, inputs[i].id);
         spar_npy_info info;
@@ -118,8 +130,7 @@ int spar__config_validate(spar_config *cfg, int world_size, spar_err *err) {
     static const int outputs[] = {SPAR_KEY_OUT_O, SPAR_KEY_OUT_LSE, SPAR_KEY_OUT_RESULTS};
     for (size_t i = 0; i < sizeof outputs / sizeof outputs[0]; i++) {
         const char *path = key_str(cfg, outputs[i]);
-        if (*path)
-            SPAR_TRY(check_writable(spar__keys[outputs[i]].name, path, err));
+        if (*path) SPAR_TRY(check_writable(spar__keys[outputs[i]].name, path, err));
     }
     return SPAR_OK;
 }

@@ -17,15 +17,12 @@ static int64_t chunk_start(int64_t n, int64_t k, int64_t c) {
 static int64_t chunk_of(int64_t n, int64_t k, int64_t t) {
     int64_t base = n / k, extra = n % k;
     int64_t big = extra * (base + 1); /* tokens held by the longer chunks */
-    if (t < big)
-        return t / (base + 1);
+    if (t < big) return t / (base + 1);
     return extra + (t - big) / base;
 }
 
-int spar_partition_init(spar_partition *part, enum spar_partition_kind kind, int64_t n,
-                        int ranks) {
-    if (ranks < 1 || n < ranks)
-        return SPAR_EINVAL;
+int spar_partition_init(spar_partition *part, enum spar_partition_kind kind, int64_t n, int ranks) {
+    if (ranks < 1 || n < ranks) return SPAR_EINVAL;
     if (kind != SPAR_PARTITION_CONTIGUOUS && kind != SPAR_PARTITION_ZIGZAG &&
         kind != SPAR_PARTITION_STRIPE)
         return SPAR_EINVAL;
@@ -48,7 +45,8 @@ int64_t spar_partition_local_len(const spar_partition *part, int rank) {
     int64_t n = part->n, p = part->ranks;
     switch (part->kind) {
     case SPAR_PARTITION_CONTIGUOUS: return chunk_len(n, p, rank);
-    case SPAR_PARTITION_ZIGZAG: return chunk_len(n, 2 * p, rank) + chunk_len(n, 2 * p, 2 * p - 1 - rank);
+    case SPAR_PARTITION_ZIGZAG:
+        return chunk_len(n, 2 * p, rank) + chunk_len(n, 2 * p, 2 * p - 1 - rank);
     case SPAR_PARTITION_STRIPE: return chunk_len(n, p, rank); /* same counts as contiguous */
     }
     return 0;
@@ -69,8 +67,7 @@ int64_t spar_partition_global(const spar_partition *part, int rank, int64_t loca
     case SPAR_PARTITION_CONTIGUOUS: return chunk_start(n, p, rank) + local;
     case SPAR_PARTITION_ZIGZAG: {
         int64_t first = chunk_len(n, 2 * p, rank);
-        if (local < first)
-            return chunk_start(n, 2 * p, rank) + local;
+        if (local < first) return chunk_start(n, 2 * p, rank) + local;
         return chunk_start(n, 2 * p, 2 * p - 1 - rank) + (local - first);
     }
     case SPAR_PARTITION_STRIPE: return local * p + rank;
@@ -116,15 +113,13 @@ int64_t spar_partition_segments(const spar_partition *part, int rank, spar_segme
     int64_t n = part->n, p = part->ranks;
     switch (part->kind) {
     case SPAR_PARTITION_CONTIGUOUS:
-        if (seg)
-            seg[0] = (spar_segment){chunk_start(n, p, rank), chunk_len(n, p, rank), 0};
+        if (seg) seg[0] = (spar_segment){chunk_start(n, p, rank), chunk_len(n, p, rank), 0};
         return 1;
     case SPAR_PARTITION_ZIGZAG: {
         int64_t a = rank, b = 2 * p - 1 - rank;
         int64_t len_a = chunk_len(n, 2 * p, a), len_b = chunk_len(n, 2 * p, b);
         if (len_b == 0) { /* N < 2P leaves the late chunks empty */
-            if (seg)
-                seg[0] = (spar_segment){chunk_start(n, 2 * p, a), len_a, 0};
+            if (seg) seg[0] = (spar_segment){chunk_start(n, 2 * p, a), len_a, 0};
             return 1;
         }
         if (seg) {

@@ -27,8 +27,8 @@ enum spar_partition_kind {
 
 typedef struct spar_partition {
     enum spar_partition_kind kind;
-    int64_t n;  /* global tokens */
-    int ranks;  /* P */
+    int64_t n; /* global tokens */
+    int ranks; /* P */
 } spar_partition;
 
 /* A contiguous run of local tokens: global positions [start, start+len) held at local
@@ -38,8 +38,7 @@ typedef struct spar_segment {
 } spar_segment;
 
 /* Fills *part; returns SPAR_EINVAL unless ranks >= 1 and n >= ranks. */
-int spar_partition_init(spar_partition *part, enum spar_partition_kind kind, int64_t n,
-                        int ranks);
+int spar_partition_init(spar_partition *part, enum spar_partition_kind kind, int64_t n, int ranks);
 
 /* Returns "contiguous", "zigzag" or "stripe". */
 const char *spar_partition_kind_name(enum spar_partition_kind kind);

@@ -19,8 +19,7 @@ void spar_softmax_merge(int64_t n, int heads, int head_dim, float *o_a, float *l
     int64_t rows = n * heads;
     for (int64_t r = 0; r < rows; r++) {
         double a = lse_a[r], b = lse_b[r];
-        if (isinf(b) && b < 0)
-            continue; /* b saw no keys */
+        if (isinf(b) && b < 0) continue; /* b saw no keys */
         if (isinf(a) && a < 0) {
             lse_a[r] = lse_b[r];
             for (int c = 0; c < head_dim; c++)

@@ -26,16 +26,15 @@ static void merge_row(int d, double m, double l, const double *acc, float *o, fl
 
 /* Online softmax of one query row q (d) against nk keys of kv head g. */
 static void attend_row(const spar_attn_dims *dims, const float *q, int64_t q_pos, int64_t nk,
-                       const float *k, const float *v, const int64_t *k_pos, bool causal,
-                       int g, double *acc, float *o, float *lse) {
+                       const float *k, const float *v, const int64_t *k_pos, bool causal, int g,
+                       double *acc, float *o, float *lse) {
     int d = dims->head_dim;
     int64_t kv_stride = (int64_t)dims->kv_heads * d;
     double m = -INFINITY, l = 0.0;
     for (int c = 0; c < d; c++)
         acc[c] = 0.0;
     for (int64_t j = 0; j < nk; j++) {
-        if (causal && k_pos[j] > q_pos)
-            continue;
+        if (causal && k_pos[j] > q_pos) continue;
         const float *kj = k + j * kv_stride + (int64_t)g * d;
         const float *vj = v + j * kv_stride + (int64_t)g * d;
         double s = 0.0;
@@ -54,8 +53,7 @@ static void attend_row(const spar_attn_dims *dims, const float *q, int64_t q_pos
         for (int c = 0; c < d; c++)
             acc[c] += p * (double)vj[c];
     }
-    if (l > 0.0)
-        merge_row(d, m, l, acc, o, lse);
+    if (l > 0.0) merge_row(d, m, l, acc, o, lse);
 }
 
 static int softmax_fwd_block_scalar(const spar_attn_dims *dims, int64_t nq, const float *q,
@@ -65,13 +63,12 @@ static int softmax_fwd_block_scalar(const spar_attn_dims *dims, int64_t nq, cons
     int h_count = dims->heads, d = dims->head_dim;
     int group = h_count / dims->kv_heads; /* query heads per kv head */
     double *acc = malloc(sizeof(double) * (size_t)d);
-    if (!acc)
-        return SPAR_ENOMEM;
+    if (!acc) return SPAR_ENOMEM;
     for (int64_t i = 0; i < nq; i++) {
         for (int h = 0; h < h_count; h++) {
             int64_t row = i * h_count + h;
-            attend_row(dims, q + row * d, causal ? q_pos[i] : 0, nk, k, v, k_pos, causal,
-                       h / group, acc, o + row * d, lse + row);
+            attend_row(dims, q + row * d, causal ? q_pos[i] : 0, nk, k, v, k_pos, causal, h / group,
+                       acc, o + row * d, lse + row);
         }
     }
     free(acc);
