@@ -2,9 +2,10 @@
  *
  * A communicator over MPI (rank, size, host), run with MPI_ERRORS_RETURN so that every
  * failure comes back as a status naming the call, rank and host; a nonblocking ring
- * exchange (send to rank+1, receive from rank-1) that the engine posts before it
- * computes on the block it holds; small collectives for agreeing on errors and
- * gathering figures; point-to-point sends for tensor I/O; per-rank byte counters.
+ * exchange (send to rank+1, receive from rank-1) and nonblocking all-gather and
+ * reduce-scatter that the engine posts before it computes; small collectives for
+ * agreeing on errors and gathering figures; point-to-point sends for tensor I/O;
+ * per-rank byte counters.
  * Buffers of any size: messages above 1 GiB travel in pieces.
  *
  * Transport: before MPI_Init, spar_comm_prepare_transport picks Open MPI's UCX PML
@@ -46,11 +47,11 @@ const char *spar_comm_library(const spar_comm *comm);
 /* Seconds since an arbitrary start, the same clock on every call. */
 double spar_comm_wtime(void);
 
-/* Bytes this rank has sent since init (all sends and collectives' own contributions
- * to point-to-point traffic; the ring and tensor I/O). */
+/* Bytes this rank has sent since init: point-to-point and ring traffic as sent, and for
+ * collectives the algorithmic volume a rank must send at least (all-gather: its block to
+ * each of the P-1 others; reduce-scatter: every block but its own). The engine reads it
+ * before and after a pass. */
 uint64_t spar_comm_bytes_sent(const spar_comm *comm);
-/* Bytes this rank has sent through the ring exchange only. */
-uint64_t spar_comm_ring_bytes_sent(const spar_comm *comm);
 
 /* Every rank passes its own status; all receive the most negative one (0 when every
  * rank succeeded). This is how one rank's bad input stops all ranks cleanly. */
@@ -69,12 +70,27 @@ int spar_comm_allreduce_sum_double(spar_comm *comm, double *value);
 int spar_comm_send(spar_comm *comm, const void *buf, size_t bytes, int dest, int tag);
 int spar_comm_recv(spar_comm *comm, void *buf, size_t bytes, int src, int tag);
 
-/* Ring exchange: post sending `send` (send_bytes) to rank+1 and receiving recv_bytes
- * from rank-1 into `recv`; one exchange in flight at a time. test makes progress and
- * sets *done; wait completes it. The buffers must not be touched until it completes. */
-int spar_comm_ring_start(spar_comm *comm, const void *send, size_t send_bytes, void *recv,
-                         size_t recv_bytes);
-int spar_comm_ring_test(spar_comm *comm, int *done);
-int spar_comm_ring_wait(spar_comm *comm);
+/* A nonblocking operation in flight (a ring exchange or a collective). Start returns
+ * one; test makes progress and says whether it is done; wait completes and frees it and
+ * sets *op to NULL (a NULL op is complete). Buffers must stay untouched until then. */
+typedef struct spar_comm_op spar_comm_op;
+
+/* Ring exchange on channel c (0..3; channels in flight together never mix): send
+ * `send_bytes` to rank+1 and receive `recv_bytes` from rank-1 into `recv`. */
+int spar_comm_ring_start(spar_comm *comm, int channel, const void *send, size_t send_bytes,
+                         void *recv, size_t recv_bytes, spar_comm_op **op);
+
+/* All-gather of float32 blocks of different lengths: rank s contributes counts[s] floats
+ * from `send`; `recv` gets every block in rank order. counts: [size]. */
+int spar_comm_allgather_start(spar_comm *comm, const float *send, float *recv,
+                              const int64_t *counts, spar_comm_op **op);
+
+/* Reduce-scatter (sum) of float32: `send` holds one block per rank in rank order
+ * (counts[s] floats each); rank r receives into `recv` the sum over ranks of block r. */
+int spar_comm_reduce_scatter_start(spar_comm *comm, const float *send, float *recv,
+                                   const int64_t *counts, spar_comm_op **op);
+
+int spar_comm_op_test(spar_comm *comm, spar_comm_op *op, int *done);
+int spar_comm_op_wait(spar_comm *comm, spar_comm_op **op);
 
 #endif

@@ -12,16 +12,14 @@
 
 /* MPI counts are int: larger buffers go in pieces of this many bytes. */
 #define PIECE_BYTES ((size_t)1 << 30)
-#define MAX_RING_REQS 64
+#define MAX_OP_REQS 64
 
 struct spar_comm {
     MPI_Comm world;
     int rank, size;
     char host[MPI_MAX_PROCESSOR_NAME];
     char library[MPI_MAX_LIBRARY_VERSION_STRING];
-    uint64_t bytes_sent, ring_bytes_sent;
-    MPI_Request ring_reqs[MAX_RING_REQS];
-    int ring_nreqs;
+    uint64_t bytes_sent;
     int fault_ring_rank; /* test hook: this rank's ring send targets an invalid peer */
 };
 
@@ -37,6 +35,15 @@ static char transport_text[160] = "ob1 (Open MPI default)";
             MPI_Error_string(spar_mpi_rc_, spar_mpi_msg_, &spar_mpi_len_);                         \
         SPAR_CHECK_GENERIC(spar_mpi_rc_ != MPI_SUCCESS, #expr, spar_mpi_msg_, SPAR_ECOMM);         \
     } while (0)
+
+/* Status of an MPI call that cannot go through SPAR_MPI_CHECK (its caller cleans up). */
+static int mpi_status(int rc, const char *call) {
+    if (rc == MPI_SUCCESS) return SPAR_OK;
+    char msg[MPI_MAX_ERROR_STRING] = "";
+    int len = 0;
+    MPI_Error_string(rc, msg, &len);
+    return spar_errorf(SPAR_ECOMM, "%s failed: %s", call, msg);
+}
 
 #ifdef SPAR_HAVE_UCX
 #include <ucp/api/ucp.h>
@@ -173,9 +180,6 @@ uint64_t spar_comm_bytes_sent(const spar_comm *comm) {
     return comm->bytes_sent;
 }
 
-uint64_t spar_comm_ring_bytes_sent(const spar_comm *comm) {
-    return comm->ring_bytes_sent;
-}
 
 int spar_comm_agree(spar_comm *comm, int status, int *worst) {
     SPAR_MPI_CHECK(MPI_Allreduce(&status, worst, 1, MPI_INT, MPI_MIN, comm->world));
@@ -231,47 +235,138 @@ int spar_comm_recv(spar_comm *comm, void *buf, size_t bytes, int src, int tag) {
     return SPAR_OK;
 }
 
-enum { RING_TAG = 7100 };
+enum { RING_TAG = 7100, RING_CHANNELS = 4 };
 
-int spar_comm_ring_start(spar_comm *comm, const void *send, size_t send_bytes, void *recv,
-                         size_t recv_bytes) {
-    if (comm->ring_nreqs != 0)
-        return spar_errorf(SPAR_EINVAL, "ring exchange started while another is in flight");
-    size_t pieces = (send_bytes + PIECE_BYTES - 1) / PIECE_BYTES;
-    size_t rpieces = (recv_bytes + PIECE_BYTES - 1) / PIECE_BYTES;
-    if (pieces + rpieces > MAX_RING_REQS)
-        return spar_errorf(SPAR_EUNSUP, "ring block of %zu bytes exceeds %d GiB", send_bytes,
-                           MAX_RING_REQS / 2);
+struct spar_comm_op {
+    MPI_Request reqs[MAX_OP_REQS];
+    int nreqs;
+    int *counts, *displs; /* kept alive for the collectives until completion */
+};
+
+static int op_new(spar_comm_op **op) {
+    *op = calloc(1, sizeof **op);
+    return *op ? SPAR_OK : SPAR_ENOMEM;
+}
+
+static void op_free(spar_comm_op *op) {
+    if (!op) return;
+    free(op->counts);
+    free(op->displs);
+    free(op);
+}
+
+static int post_ring(spar_comm *comm, spar_comm_op *op, int tag, const void *send, size_t send_bytes,
+                     void *recv, size_t recv_bytes) {
     int right = (comm->rank + 1) % comm->size, left = (comm->rank + comm->size - 1) % comm->size;
     if (comm->rank == comm->fault_ring_rank)
         right = comm->size; /* an invalid peer: MPI itself reports the failure */
     for (size_t off = 0; off < recv_bytes; off += PIECE_BYTES) {
         size_t n = recv_bytes - off < PIECE_BYTES ? recv_bytes - off : PIECE_BYTES;
-        SPAR_MPI_CHECK(MPI_Irecv((char *)recv + off, (int)n, MPI_BYTE, left, RING_TAG, comm->world,
-                                 &comm->ring_reqs[comm->ring_nreqs++]));
+        SPAR_MPI_CHECK(MPI_Irecv((char *)recv + off, (int)n, MPI_BYTE, left, tag, comm->world,
+                                 &op->reqs[op->nreqs++]));
     }
     for (size_t off = 0; off < send_bytes; off += PIECE_BYTES) {
         size_t n = send_bytes - off < PIECE_BYTES ? send_bytes - off : PIECE_BYTES;
-        SPAR_MPI_CHECK(MPI_Isend((const char *)send + off, (int)n, MPI_BYTE, right, RING_TAG,
-                                 comm->world, &comm->ring_reqs[comm->ring_nreqs++]));
+        SPAR_MPI_CHECK(MPI_Isend((const char *)send + off, (int)n, MPI_BYTE, right, tag,
+                                 comm->world, &op->reqs[op->nreqs++]));
+    }
+    return SPAR_OK;
+}
+
+int spar_comm_ring_start(spar_comm *comm, int channel, const void *send, size_t send_bytes,
+                         void *recv, size_t recv_bytes, spar_comm_op **op) {
+    *op = NULL;
+    if (channel < 0 || channel >= RING_CHANNELS)
+        return spar_errorf(SPAR_EINVAL, "ring channel %d outside 0..%d", channel, RING_CHANNELS - 1);
+    size_t pieces = (send_bytes + PIECE_BYTES - 1) / PIECE_BYTES;
+    size_t rpieces = (recv_bytes + PIECE_BYTES - 1) / PIECE_BYTES;
+    if (pieces + rpieces > MAX_OP_REQS)
+        return spar_errorf(SPAR_EUNSUP, "ring block of %zu bytes exceeds %d GiB", send_bytes,
+                           MAX_OP_REQS / 2);
+    SPAR_TRY(op_new(op));
+    int rc = post_ring(comm, *op, RING_TAG + channel, send, send_bytes, recv, recv_bytes);
+    if (rc != 0) {
+        op_free(*op);
+        *op = NULL;
+        return rc;
     }
     comm->bytes_sent += send_bytes;
-    comm->ring_bytes_sent += send_bytes;
     return SPAR_OK;
 }
 
-int spar_comm_ring_test(spar_comm *comm, int *done) {
+/* Per-rank counts and their prefix sums as the int arrays MPI takes. */
+static int collective_counts(spar_comm *comm, const int64_t *counts, spar_comm_op *op) {
+    op->counts = malloc(sizeof(int) * (size_t)comm->size);
+    op->displs = malloc(sizeof(int) * (size_t)comm->size);
+    if (!op->counts || !op->displs) return SPAR_ENOMEM;
+    int64_t total = 0;
+    for (int s = 0; s < comm->size; s++) {
+        if (counts[s] < 0 || total + counts[s] > INT_MAX)
+            return spar_errorf(SPAR_EUNSUP, "collective of %lld floats exceeds MPI's int counts",
+                               (long long)(total + counts[s]));
+        op->counts[s] = (int)counts[s];
+        op->displs[s] = (int)total;
+        total += counts[s];
+    }
+    return SPAR_OK;
+}
+
+int spar_comm_allgather_start(spar_comm *comm, const float *send, float *recv,
+                              const int64_t *counts, spar_comm_op **op) {
+    SPAR_TRY(op_new(op));
+    int rc = collective_counts(comm, counts, *op);
+    if (rc == 0) {
+        int mpi_rc = MPI_Iallgatherv(send, (*op)->counts[comm->rank], MPI_FLOAT, recv,
+                                     (*op)->counts, (*op)->displs, MPI_FLOAT, comm->world,
+                                     &(*op)->reqs[0]);
+        (*op)->nreqs = 1;
+        rc = mpi_status(mpi_rc, "MPI_Iallgatherv");
+    }
+    if (rc != 0) {
+        op_free(*op);
+        *op = NULL;
+        return rc;
+    }
+    comm->bytes_sent += (uint64_t)(comm->size - 1) * (uint64_t)counts[comm->rank] * sizeof(float);
+    return SPAR_OK;
+}
+
+int spar_comm_reduce_scatter_start(spar_comm *comm, const float *send, float *recv,
+                                   const int64_t *counts, spar_comm_op **op) {
+    SPAR_TRY(op_new(op));
+    int rc = collective_counts(comm, counts, *op);
+    if (rc == 0) {
+        int mpi_rc = MPI_Ireduce_scatter(send, recv, (*op)->counts, MPI_FLOAT, MPI_SUM,
+                                         comm->world, &(*op)->reqs[0]);
+        (*op)->nreqs = 1;
+        rc = mpi_status(mpi_rc, "MPI_Ireduce_scatter");
+    }
+    if (rc != 0) {
+        op_free(*op);
+        *op = NULL;
+        return rc;
+    }
+    uint64_t others = 0;
+    for (int s = 0; s < comm->size; s++)
+        others += s == comm->rank ? 0 : (uint64_t)counts[s];
+    comm->bytes_sent += others * sizeof(float);
+    return SPAR_OK;
+}
+
+int spar_comm_op_test(spar_comm *comm, spar_comm_op *op, int *done) {
+    (void)comm;
     *done = 1;
-    if (comm->ring_nreqs == 0) return SPAR_OK;
-    SPAR_MPI_CHECK(MPI_Testall(comm->ring_nreqs, comm->ring_reqs, done, MPI_STATUSES_IGNORE));
-    if (*done) comm->ring_nreqs = 0;
+    if (!op || op->nreqs == 0) return SPAR_OK;
+    SPAR_MPI_CHECK(MPI_Testall(op->nreqs, op->reqs, done, MPI_STATUSES_IGNORE));
     return SPAR_OK;
 }
 
-int spar_comm_ring_wait(spar_comm *comm) {
-    if (comm->ring_nreqs == 0) return SPAR_OK;
-    int n = comm->ring_nreqs;
-    comm->ring_nreqs = 0;
-    SPAR_MPI_CHECK(MPI_Waitall(n, comm->ring_reqs, MPI_STATUSES_IGNORE));
-    return SPAR_OK;
+int spar_comm_op_wait(spar_comm *comm, spar_comm_op **op) {
+    (void)comm;
+    spar_comm_op *o = *op;
+    *op = NULL;
+    if (!o) return SPAR_OK;
+    int rc = mpi_status(MPI_Waitall(o->nreqs, o->reqs, MPI_STATUSES_IGNORE), "MPI_Waitall");
+    op_free(o);
+    return rc;
 }

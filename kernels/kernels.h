@@ -3,17 +3,18 @@
  * A kernel backend is a table of function pointers chosen once at start-up
  * (spar_kernels_select); the engine never branches on the backend in its loops.
  * The scalar backend (kernels/cpu/softmax_scalar.c) is the oracle: plain loops, double
- * accumulators, O(head_dim) scratch per call, no N x N buffers. Faster backends are
- * tested against it.
+ * accumulators, O(block) scratch per call, no N x N buffers. Faster backends are tested
+ * against it.
  *
  * Layout: token-major, row-major float32. A block of n tokens is
  *   q: [n, heads, head_dim]      k, v: [n, kv_heads, head_dim]
  *   o: [n, heads, head_dim]      lse: [n, heads]  (natural log of the softmax denominator)
  * Query head h reads kv head h / (heads / kv_heads) (GQA/MQA when kv_heads < heads).
  *
- * Defines: spar_attn_dims, spar_kernels, spar_kernels_select, spar_softmax_init_partial,
- *          spar_softmax_merge.
- * Leaves out: MPI (never here), backward and linear attention (later issues).
+ * Defines: spar_attn_dims, spar_qblock, spar_kvblock, spar_kernels, spar_kernels_select,
+ *          spar_softmax_init_partial, spar_softmax_merge, spar_softmax_bwd_delta,
+ *          spar_vec_add.
+ * Leaves out: MPI (never here), linear attention (a later issue).
  */
 #ifndef SPAR_KERNELS_H
 #define SPAR_KERNELS_H
@@ -28,17 +29,47 @@ typedef struct spar_attn_dims {
     float scale;  /* softmax scale, usually 1/sqrt(d) */
 } spar_attn_dims;
 
+/* A block of queries with what the passes read and write for them. A stride is the
+ * number of floats from one token to the next: heads*head_dim (and heads for lse) for a
+ * dense tensor, more for a view of some heads of a wider tensor.
+ *   q, o, dout, dq: [n, stride_q]  (H heads of head_dim used from each row)
+ *   lse, delta:     [n, stride_lse] (H used)
+ * Forward reads q and merges into (o, lse); backward reads q, dout, lse, delta and
+ * accumulates into dq. Unused pointers may be NULL. */
+typedef struct spar_qblock {
+    int64_t n;
+    const int64_t *pos; /* [n] global positions, increasing; NULL when not causal */
+    int64_t stride_q, stride_lse;
+    const float *q;
+    float *o, *lse;
+    const float *dout, *delta;
+    float *dq;
+} spar_qblock;
+
+/* A block of keys and values, and (backward) the accumulators of their gradients.
+ *   k, v, dk, dv: [n, stride_kv]  (G heads of head_dim used from each row) */
+typedef struct spar_kvblock {
+    int64_t n;
+    const int64_t *pos; /* [n] global positions, increasing; NULL when not causal */
+    int64_t stride_kv;
+    const float *k, *v;
+    float *dk, *dv;
+} spar_kvblock;
+
 typedef struct spar_kernels {
     const char *name;
-    /* Softmax attention of nq queries against nk keys, merged exactly into the running
-     * partial (o, lse) of those queries (DESIGN.md 3.1). With causal, key j is visible
-     * to query i iff k_pos[j] <= q_pos[i]; without it every key is visible and the
-     * positions may be NULL. A query that sees no key in this block is left unchanged.
-     *   q: [nq, H, d]  k, v: [nk, G, d]  q_pos: [nq]  k_pos: [nk]
-     *   o: [nq, H, d]  lse: [nq, H]  (in/out; start from spar_softmax_init_partial) */
-    int (*softmax_fwd_block)(const spar_attn_dims *dims, int64_t nq, const float *q,
-                             const int64_t *q_pos, int64_t nk, const float *k, const float *v,
-                             const int64_t *k_pos, bool causal, float *o, float *lse);
+    /* Softmax attention of the queries against the keys, merged exactly into the running
+     * partial (o, lse) of those queries (DESIGN.md 3.1). With causal, key j is visible to
+     * query i iff kv.pos[j] <= q.pos[i]. A query that sees no key here is left unchanged.
+     * Start (o, lse) from spar_softmax_init_partial. */
+    int (*softmax_fwd_block)(const spar_attn_dims *dims, bool causal, const spar_qblock *q,
+                             const spar_kvblock *kv);
+    /* Gradients of one block, given the final lse and delta = rowsum(dout * o) of the
+     * queries (flash-attention backward): with p = exp(scale q.k - lse),
+     *   dv += p dout,  ds = p (dout.v - delta),  dq += scale ds k,  dk += scale ds q,
+     * accumulated into dq, dk, dv (GQA: a kv head sums over its query group). */
+    int (*softmax_bwd_block)(const spar_attn_dims *dims, bool causal, const spar_qblock *q,
+                             const spar_kvblock *kv);
 } spar_kernels;
 
 /* The backend named `name` ("scalar", or "auto" for the best this host runs), or NULL
@@ -51,6 +82,14 @@ const char *spar_kernels_names(void);
 /* Sets a partial to "no keys seen": o = 0, lse = -inf.
  *   o: [n, H, d]  lse: [n, H] */
 void spar_softmax_init_partial(int64_t n, int heads, int head_dim, float *o, float *lse);
+
+/* delta[i, h] = sum_c dout[i, h, c] * o[i, h, c], the backward pass's row term.
+ *   o, dout: [n, H, d]  delta: [n, H] */
+void spar_softmax_bwd_delta(int64_t n, int heads, int head_dim, const float *o, const float *dout,
+                            float *delta);
+
+/* y += x, n floats (accumulators arriving from another rank). */
+void spar_vec_add(int64_t n, float *y, const float *x);
 
 /* Merges partial b into partial a, row by row (DESIGN.md 3.1):
  *   lse = max + log1p(exp(min - max)),  o = exp(lse_a - lse) o_a + exp(lse_b - lse) o_b.

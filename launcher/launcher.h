@@ -41,8 +41,11 @@ enum spar_key_type { SPAR_KT_BOOL, SPAR_KT_INT, SPAR_KT_FLOAT, SPAR_KT_ENUM, SPA
       1, (double)(1LL << 40), "global sequence length N")                                          \
     X(SEQ_PARTITION, "sequence.partition", ENUM, "zigzag", "contiguous|zigzag|stripe", 0, 0,       \
       "how tokens are split over the ranks")                                                       \
-    X(PAR_METHOD, "parallel.method", ENUM, "ring", "ring|local|allgather|lasp1|lasp2", 0, 0,       \
-      "ring = K/V around a ring; local = whole sequence on rank 0 (reference)")                    \
+    X(PAR_METHOD, "parallel.method", ENUM, "ring", "ring|allgather|local|lasp1|lasp2", 0, 0,       \
+      "ring = K/V blocks around a ring; allgather = one all-gather of K/V (LASP-2H); "             \
+      "local = the whole sequence on rank 0 (reference)")                                          \
+    X(PAR_HEAD_GROUPS, "parallel.head_groups", INT, "0", "integer >= 0; 0 = min(kv_heads, 4)", 0,  \
+      65536, "allgather: kv-head groups; group g+1 is gathered while group g computes")            \
     X(PAR_RANKS, "parallel.ranks", INT, "0", "integer >= 0", 0, 1 << 24,                           \
       "ranks the plan needs; 0 = whatever mpirun/srun starts")                                     \
     X(DATA_Q, "data.q", STRING, "", "path of a .npy file, float32 [N,H,d]", 0, 0,                  \
@@ -51,15 +54,25 @@ enum spar_key_type { SPAR_KT_BOOL, SPAR_KT_INT, SPAR_KT_FLOAT, SPAR_KT_ENUM, SPA
       "keys; random from data.seed when empty")                                                    \
     X(DATA_V, "data.v", STRING, "", "path of a .npy file, float32 [N,G,d]", 0, 0,                  \
       "values; random from data.seed when empty")                                                  \
+    X(DATA_DO, "data.do", STRING, "", "path of a .npy file, float32 [N,H,d]", 0, 0,                \
+      "output gradient for run.backward; random from data.seed when empty")                       \
     X(DATA_SEED, "data.seed", INT, "1", "integer >= 0", 0, 9007199254740992.0,                     \
       "seed of the random inputs (the same data whatever the partition)")                          \
     X(OUT_O, "output.o", STRING, "", "path of a .npy file to write", 0, 0,                         \
       "attention output [N,H,d] in global token order; empty = not written")                       \
     X(OUT_LSE, "output.lse", STRING, "", "path of a .npy file to write", 0, 0,                     \
       "log-sum-exp [N,H] in global token order; empty = not written")                              \
+    X(OUT_DQ, "output.dq", STRING, "", "path of a .npy file to write", 0, 0,                       \
+      "query gradient [N,H,d] (needs run.backward=true); empty = not written")                   \
+    X(OUT_DK, "output.dk", STRING, "", "path of a .npy file to write", 0, 0,                       \
+      "key gradient [N,G,d] (needs run.backward=true); empty = not written")                     \
+    X(OUT_DV, "output.dv", STRING, "", "path of a .npy file to write", 0, 0,                       \
+      "value gradient [N,G,d] (needs run.backward=true); empty = not written")                   \
     X(OUT_RESULTS, "output.results", STRING, "", "path of a JSON-lines file", 0, 0,                \
       "one record per run is appended here; empty = none")                                         \
     X(RUN_NAME, "run.name", STRING, "", "any text", 0, 0, "a label carried into the record")       \
+    X(RUN_BACKWARD, "run.backward", BOOL, "false", "true|false", 0, 0,                            \
+      "run the backward pass after the forward pass")                                              \
     X(RUN_VERIFY, "run.verify", BOOL, "false", "true|false", 0, 0,                                 \
       "recompute on rank 0 with the local method and report the error")                            \
     X(RUN_VERIFY_TOL, "run.verify_tol", FLOAT, "1e-4", "number > 0", 1e-30, 1.0,                   \
@@ -167,18 +180,27 @@ int spar__rows_gather(spar_comm *comm, const spar_partition *part, int64_t row_f
                       const float *local, float *full);
 
 /* report.c */
+typedef struct spar_pass_result {
+    bool ran;
+    double seconds, compute_seconds, wait_seconds, flops, gflops_per_s;
+    double *bytes_sent; /* [ranks] */
+} spar_pass_result;
+
+/* Relative L2 errors against the local method, in output order. */
+enum { SPAR_ERR_O, SPAR_ERR_LSE, SPAR_ERR_DQ, SPAR_ERR_DK, SPAR_ERR_DV, SPAR_ERR_COUNT };
+
 typedef struct spar_run_result {
     const spar_config *cfg;
     int ranks;
-    double seconds, gflops_per_s, flops;
-    double compute_seconds, wait_seconds;
-    double *bytes_sent; /* [ranks] */
-    double *peak_mib;   /* [ranks] */
-    char *hosts;        /* [ranks][64] */
+    spar_pass_result fwd, bwd;
+    double *peak_mib; /* [ranks] */
+    char *hosts;      /* [ranks][64] */
     bool verified;
-    double err_o, err_lse; /* relative L2 vs the local method */
+    double err[SPAR_ERR_COUNT]; /* NAN where not computed */
     const char *transport, *library;
 } spar_run_result;
+/* Largest of the computed errors (0 when none). */
+double spar__max_error(const spar_run_result *res);
 void spar__print_settings(const spar_config *cfg, int ranks, const char *transport);
 void spar__print_result_table(const spar_run_result *res);
 int spar__append_record(const char *path, const spar_run_result *res);

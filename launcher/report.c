@@ -65,19 +65,38 @@ static double max_of(const double *x, int n) {
     return m;
 }
 
-void spar__print_result_table(const spar_run_result *res) {
+double spar__max_error(const spar_run_result *res) {
+    double worst = 0.0;
+    for (int i = 0; i < SPAR_ERR_COUNT; i++)
+        if (!isnan(res->err[i])) worst = fmax(worst, res->err[i]);
+    return worst;
+}
+
+static void print_pass_row(const spar_run_result *res, const char *name,
+                           const spar_pass_result *pass, const char *err) {
     const spar_config *c = res->cfg;
-    char err[32] = "-";
-    if (res->verified) snprintf(err, sizeof err, "%.2e", fmax(res->err_o, res->err_lse));
-    printf("#%7s %5s %9s %5s %8s %8s %10s %6s %9s %9s %13s %13s %11s\n", "method", "ranks", "N",
-           "heads", "kv_heads", "head_dim", "partition", "causal", "time_s", "GFLOP/s",
-           "sent_MiB/rank", "peak_MiB/rank", "max_rel_err");
-    printf("%8s %5d %9lld %5lld %8lld %8lld %10s %6s %9.3f %9.2f %13.2f %13.1f %11s\n",
-           c->v[SPAR_KEY_PAR_METHOD].s, res->ranks, (long long)c->v[SPAR_KEY_SEQ_LENGTH].i,
+    printf("%-9s %4s %5d %9lld %5lld %8lld %8lld %10s %6s %9.3f %9.2f %13.2f %13.1f %11s\n",
+           c->v[SPAR_KEY_PAR_METHOD].s, name, res->ranks, (long long)c->v[SPAR_KEY_SEQ_LENGTH].i,
            (long long)c->v[SPAR_KEY_ATTN_HEADS].i, (long long)c->v[SPAR_KEY_ATTN_KV_HEADS].i,
            (long long)c->v[SPAR_KEY_ATTN_HEAD_DIM].i, c->v[SPAR_KEY_SEQ_PARTITION].s,
-           c->v[SPAR_KEY_ATTN_CAUSAL].b ? "true" : "false", res->seconds, res->gflops_per_s,
-           max_of(res->bytes_sent, res->ranks) / 1048576.0, max_of(res->peak_mib, res->ranks), err);
+           c->v[SPAR_KEY_ATTN_CAUSAL].b ? "true" : "false", pass->seconds, pass->gflops_per_s,
+           max_of(pass->bytes_sent, res->ranks) / 1048576.0, max_of(res->peak_mib, res->ranks),
+           err);
+}
+
+/* One row per pass; the error column holds the largest error of that pass's outputs. */
+void spar__print_result_table(const spar_run_result *res) {
+    char err_fwd[32] = "-", err_bwd[32] = "-";
+    if (res->verified) {
+        snprintf(err_fwd, sizeof err_fwd, "%.2e", fmax(res->err[SPAR_ERR_O], res->err[SPAR_ERR_LSE]));
+        snprintf(err_bwd, sizeof err_bwd, "%.2e",
+                 fmax(res->err[SPAR_ERR_DQ], fmax(res->err[SPAR_ERR_DK], res->err[SPAR_ERR_DV])));
+    }
+    printf("# %-7s %4s %5s %9s %5s %8s %8s %10s %6s %9s %9s %13s %13s %11s\n", "method", "pass",
+           "ranks", "N", "heads", "kv_heads", "head_dim", "partition", "causal", "time_s",
+           "GFLOP/s", "sent_MiB/rank", "peak_MiB/rank", "max_rel_err");
+    print_pass_row(res, "fwd", &res->fwd, err_fwd);
+    if (res->bwd.ran) print_pass_row(res, "bwd", &res->bwd, err_bwd);
     fflush(stdout);
 }
 
@@ -112,6 +131,27 @@ static void json_array(FILE *f, const char *name, const double *x, int n) {
     fputc(']', f);
 }
 
+/* A pass's figures as an object, or null when the pass did not run. */
+static void json_pass(FILE *f, const char *name, const spar_pass_result *p, int ranks) {
+    fprintf(f, ",\"%s\":", name);
+    if (!p->ran) {
+        fputs("null", f);
+        return;
+    }
+    fputs("{\"seconds\":", f);
+    json_number(f, p->seconds);
+    fputs(",\"compute_seconds\":", f);
+    json_number(f, p->compute_seconds);
+    fputs(",\"wait_seconds\":", f);
+    json_number(f, p->wait_seconds);
+    fputs(",\"flops\":", f);
+    json_number(f, p->flops);
+    fputs(",\"gflops_per_s\":", f);
+    json_number(f, p->gflops_per_s);
+    json_array(f, "bytes_sent_per_rank", p->bytes_sent, ranks);
+    fputc('}', f);
+}
+
 static void json_settings(FILE *f, const spar_config *cfg) {
     char val[1100];
     fputs("\"settings\":{", f);
@@ -143,29 +183,22 @@ int spar__append_record(const char *path, const spar_run_result *res) {
     json_settings(f, res->cfg);
     fprintf(f, ",\"config_file\":");
     json_string(f, res->cfg->file);
-    fprintf(f, ",\"ranks\":%d,\"seconds\":", res->ranks);
-    json_number(f, res->seconds);
-    fprintf(f, ",\"compute_seconds\":");
-    json_number(f, res->compute_seconds);
-    fprintf(f, ",\"wait_seconds\":");
-    json_number(f, res->wait_seconds);
-    fprintf(f, ",\"flops\":");
-    json_number(f, res->flops);
-    fprintf(f, ",\"gflops_per_s\":");
-    json_number(f, res->gflops_per_s);
-    json_array(f, "bytes_sent_per_rank", res->bytes_sent, res->ranks);
+    fprintf(f, ",\"ranks\":%d", res->ranks);
+    json_pass(f, "forward", &res->fwd, res->ranks);
+    json_pass(f, "backward", &res->bwd, res->ranks);
     json_array(f, "peak_mib_per_rank", res->peak_mib, res->ranks);
     fputs(",\"hosts\":[", f);
     for (int r = 0; r < res->ranks; r++) {
         if (r) fputc(',', f);
         json_string(f, res->hosts + 64 * r);
     }
-    fputs("],\"verified\":", f);
-    fputs(res->verified ? "true" : "false", f);
-    fputs(",\"rel_err_o\":", f);
-    json_number(f, res->verified ? res->err_o : NAN);
-    fputs(",\"rel_err_lse\":", f);
-    json_number(f, res->verified ? res->err_lse : NAN);
+    fprintf(f, "],\"verified\":%s,\"rel_err\":{", res->verified ? "true" : "false");
+    static const char *names[SPAR_ERR_COUNT] = {"o", "lse", "dq", "dk", "dv"};
+    for (int i = 0; i < SPAR_ERR_COUNT; i++) {
+        fprintf(f, "%s\"%s\":", i ? "," : "", names[i]);
+        json_number(f, res->verified ? res->err[i] : NAN);
+    }
+    fputc('}', f);
     fputs(",\"transport\":", f);
     json_string(f, res->transport);
     fputs(",\"mpi_library\":", f);

@@ -28,11 +28,25 @@ static int check_methods(const spar_config *cfg, spar_err *err) {
                              "(allowed now: softmax)",
                              key_str(cfg, SPAR_KEY_ATTN_TYPE));
     const char *method = key_str(cfg, SPAR_KEY_PAR_METHOD);
-    if (strcmp(method, "ring") != 0 && strcmp(method, "local") != 0)
+    if (!spar_method_find(method))
         return spar__err_set(err, SPAR_EUNSUP,
                              "key parallel.method: '%s' is not available yet "
-                             "(allowed now: ring|local)",
+                             "(allowed now: ring|allgather|local)",
                              method);
+    return SPAR_OK;
+}
+
+/* Gradient files only make sense with a backward pass: say so rather than ignore them. */
+static int check_backward(const spar_config *cfg, spar_err *err) {
+    static const int keys[] = {SPAR_KEY_DATA_DO, SPAR_KEY_OUT_DQ, SPAR_KEY_OUT_DK, SPAR_KEY_OUT_DV};
+    if (cfg->v[SPAR_KEY_RUN_BACKWARD].b) return SPAR_OK;
+    for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++)
+        if (*key_str(cfg, keys[i]))
+            return spar__err_set(err, SPAR_EINVAL,
+                                 "key %s: '%s' is given but run.backward is false (allowed: "
+                                 "set run.backward=true, or leave %s empty)",
+                                 spar__keys[keys[i]].name, key_str(cfg, keys[i]),
+                                 spar__keys[keys[i]].name);
     return SPAR_OK;
 }
 
@@ -110,8 +124,9 @@ static int check_inputs(const spar_config *cfg, spar_err *err) {
     static const struct {
         int id;
         int is_q;
-    } inputs[] = {{SPAR_KEY_DATA_Q, 1}, {SPAR_KEY_DATA_K, 0}, {SPAR_KEY_DATA_V, 0}};
-    for (size_t i = 0; i < 3; i++) {
+    } inputs[] = {
+        {SPAR_KEY_DATA_Q, 1}, {SPAR_KEY_DATA_K, 0}, {SPAR_KEY_DATA_V, 0}, {SPAR_KEY_DATA_DO, 1}};
+    for (size_t i = 0; i < sizeof inputs / sizeof inputs[0]; i++) {
         const char *path = key_str(cfg, inputs[i].id);
         spar_npy_info info;
         if (*path)
@@ -124,10 +139,12 @@ static int check_inputs(const spar_config *cfg, spar_err *err) {
 int spar__config_validate(spar_config *cfg, int world_size, spar_err *err) {
     SPAR_TRY(check_methods(cfg, err));
     SPAR_TRY(check_heads(cfg, err));
+    SPAR_TRY(check_backward(cfg, err));
     SPAR_TRY(check_ranks(cfg, world_size, err));
     SPAR_TRY(check_sizes(cfg, err));
     SPAR_TRY(check_inputs(cfg, err));
-    static const int outputs[] = {SPAR_KEY_OUT_O, SPAR_KEY_OUT_LSE, SPAR_KEY_OUT_RESULTS};
+    static const int outputs[] = {SPAR_KEY_OUT_O,  SPAR_KEY_OUT_LSE, SPAR_KEY_OUT_DQ,
+                                  SPAR_KEY_OUT_DK, SPAR_KEY_OUT_DV,  SPAR_KEY_OUT_RESULTS};
     for (size_t i = 0; i < sizeof outputs / sizeof outputs[0]; i++) {
         const char *path = key_str(cfg, outputs[i]);
         if (*path) SPAR_TRY(check_writable(spar__keys[outputs[i]].name, path, err));

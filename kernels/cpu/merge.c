@@ -1,4 +1,5 @@
-/* merge.c: exact merging of partial softmax results (DESIGN.md 3.1), in fp32 storage
+/* merge.c: the element-wise pieces around the block kernels: exact merging of partial
+ * softmax results (DESIGN.md 3.1) in fp32 storage
  * with double arithmetic per row so that many merges (one per ring step) add no
  * error beyond the final rounding. */
 #include <math.h>
@@ -35,4 +36,19 @@ void spar_softmax_merge(int64_t n, int heads, int head_dim, float *o_a, float *l
         }
         lse_a[r] = (float)lse;
     }
+}
+
+void spar_softmax_bwd_delta(int64_t n, int heads, int head_dim, const float *o, const float *dout,
+                            float *delta) {
+    for (int64_t r = 0; r < n * heads; r++) {
+        double s = 0.0;
+        for (int c = 0; c < head_dim; c++)
+            s += (double)o[r * head_dim + c] * (double)dout[r * head_dim + c];
+        delta[r] = (float)s;
+    }
+}
+
+void spar_vec_add(int64_t n, float *y, const float *x) {
+    for (int64_t i = 0; i < n; i++)
+        y[i] += x[i];
 }

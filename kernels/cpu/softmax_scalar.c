@@ -1,22 +1,36 @@
-/* softmax_scalar.c: the scalar softmax-attention block kernel, the oracle.
+/* softmax_scalar.c: the scalar softmax-attention block kernels, the oracle.
  *
- * One pass over the keys per (query, head) with an online softmax (running max m,
- * denominator l, unnormalised output acc), all in double so that the oracle's own
- * rounding stays far below the fp32 tolerances it is used to check. Scratch is one
- * head_dim row. Speed is deliberately not a goal here.
+ * Forward: one pass over the keys per (query, head) with an online softmax (running max
+ * m, denominator l, unnormalised output acc). Backward: the flash-attention recurrences
+ * with the final lse, so probabilities are recomputed rather than stored. Everything is
+ * accumulated in double so that the oracle's own rounding stays far below the fp32
+ * tolerances it is used to check. Scratch is O(block): one head_dim row forward, the
+ * block's dK/dV in double backward. Speed is deliberately not a goal here.
  */
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "kernels.h"
 #include "spar_status.h"
 
+static double dot(const float *a, const float *b, int d) {
+    double s = 0.0;
+    for (int c = 0; c < d; c++)
+        s += (double)a[c] * (double)b[c];
+    return s;
+}
+
+static bool visible(bool causal, const spar_qblock *qb, int64_t i, const spar_kvblock *kb,
+                    int64_t j) {
+    return !causal || kb->pos[j] <= qb->pos[i];
+}
+
 /* Merge one row's block result (m + log l, acc / l) into the running (o, lse). */
 static void merge_row(int d, double m, double l, const double *acc, float *o, float *lse) {
-    double lse_b = m + log(l);
-    double lse_a = *lse;
-    double hi = lse_a > lse_b ? lse_a : lse_b;
-    double lse_new = isinf(lse_a) ? lse_b : hi + log1p(exp((lse_a < lse_b ? lse_a : lse_b) - hi));
+    double lse_b = m + log(l), lse_a = *lse;
+    double hi = lse_a > lse_b ? lse_a : lse_b, lo = lse_a > lse_b ? lse_b : lse_a;
+    double lse_new = isinf(lse_a) ? lse_b : hi + log1p(exp(lo - hi));
     double wa = isinf(lse_a) ? 0.0 : exp(lse_a - lse_new);
     double wb = exp(lse_b - lse_new) / l;
     for (int c = 0; c < d; c++)
@@ -24,23 +38,18 @@ static void merge_row(int d, double m, double l, const double *acc, float *o, fl
     *lse = (float)lse_new;
 }
 
-/* Online softmax of one query row q (d) against nk keys of kv head g. */
-static void attend_row(const spar_attn_dims *dims, const float *q, int64_t q_pos, int64_t nk,
-                       const float *k, const float *v, const int64_t *k_pos, bool causal, int g,
-                       double *acc, float *o, float *lse) {
-    int d = dims->head_dim;
-    int64_t kv_stride = (int64_t)dims->kv_heads * d;
+/* Online softmax of query i, head h, against every visible key of its kv head. */
+static void attend_row(const spar_attn_dims *dims, bool causal, const spar_qblock *qb, int64_t i,
+                       int h, const spar_kvblock *kb, double *acc) {
+    int d = dims->head_dim, g = h / (dims->heads / dims->kv_heads);
+    const float *q = qb->q + i * qb->stride_q + (int64_t)h * d;
     double m = -INFINITY, l = 0.0;
-    for (int c = 0; c < d; c++)
-        acc[c] = 0.0;
-    for (int64_t j = 0; j < nk; j++) {
-        if (causal && k_pos[j] > q_pos) continue;
-        const float *kj = k + j * kv_stride + (int64_t)g * d;
-        const float *vj = v + j * kv_stride + (int64_t)g * d;
-        double s = 0.0;
-        for (int c = 0; c < d; c++)
-            s += (double)q[c] * (double)kj[c];
-        s *= dims->scale;
+    memset(acc, 0, sizeof(double) * (size_t)d);
+    for (int64_t j = 0; j < kb->n; j++) {
+        if (!visible(causal, qb, i, kb, j)) continue;
+        const float *k = kb->k + j * kb->stride_kv + (int64_t)g * d;
+        const float *v = kb->v + j * kb->stride_kv + (int64_t)g * d;
+        double s = dims->scale * dot(q, k, d);
         if (s > m) { /* rescale what we have to the new maximum */
             double r = exp(m - s);
             l *= r;
@@ -51,31 +60,85 @@ static void attend_row(const spar_attn_dims *dims, const float *q, int64_t q_pos
         double p = exp(s - m);
         l += p;
         for (int c = 0; c < d; c++)
-            acc[c] += p * (double)vj[c];
+            acc[c] += p * (double)v[c];
     }
-    if (l > 0.0) merge_row(d, m, l, acc, o, lse);
+    if (l > 0.0)
+        merge_row(d, m, l, acc, qb->o + i * qb->stride_q + (int64_t)h * d,
+                  qb->lse + i * qb->stride_lse + h);
 }
 
-static int softmax_fwd_block_scalar(const spar_attn_dims *dims, int64_t nq, const float *q,
-                                    const int64_t *q_pos, int64_t nk, const float *k,
-                                    const float *v, const int64_t *k_pos, bool causal, float *o,
-                                    float *lse) {
-    int h_count = dims->heads, d = dims->head_dim;
-    int group = h_count / dims->kv_heads; /* query heads per kv head */
-    double *acc = malloc(sizeof(double) * (size_t)d);
+static int fwd_block_scalar(const spar_attn_dims *dims, bool causal, const spar_qblock *qb,
+                            const spar_kvblock *kb) {
+    double *acc = malloc(sizeof(double) * (size_t)dims->head_dim);
     if (!acc) return SPAR_ENOMEM;
-    for (int64_t i = 0; i < nq; i++) {
-        for (int h = 0; h < h_count; h++) {
-            int64_t row = i * h_count + h;
-            attend_row(dims, q + row * d, causal ? q_pos[i] : 0, nk, k, v, k_pos, causal, h / group,
-                       acc, o + row * d, lse + row);
+    for (int64_t i = 0; i < qb->n; i++)
+        for (int h = 0; h < dims->heads; h++)
+            attend_row(dims, causal, qb, i, h, kb, acc);
+    free(acc);
+    return SPAR_OK;
+}
+
+/* Gradients from query i, head h: dq_row (double, d) gets sum_j ds k_j; dkv (double,
+ * [nk, G, 2, d]) gets ds q_i into the dk half and p dout_i into the dv half. */
+static void backprop_row(const spar_attn_dims *dims, bool causal, const spar_qblock *qb, int64_t i,
+                         int h, const spar_kvblock *kb, double *dq_row, double *dkv) {
+    int d = dims->head_dim, g_count = dims->kv_heads, g = h / (dims->heads / g_count);
+    const float *q = qb->q + i * qb->stride_q + (int64_t)h * d;
+    const float *dout = qb->dout + i * qb->stride_q + (int64_t)h * d;
+    double lse = qb->lse[i * qb->stride_lse + h], delta = qb->delta[i * qb->stride_lse + h];
+    for (int64_t j = 0; j < kb->n; j++) {
+        if (!visible(causal, qb, i, kb, j)) continue;
+        const float *k = kb->k + j * kb->stride_kv + (int64_t)g * d;
+        const float *v = kb->v + j * kb->stride_kv + (int64_t)g * d;
+        double p = exp(dims->scale * dot(q, k, d) - lse);
+        double ds = p * (dot(dout, v, d) - delta);
+        double *dk = dkv + (j * g_count + g) * 2 * d, *dv = dk + d;
+        for (int c = 0; c < d; c++) {
+            dq_row[c] += ds * (double)k[c];
+            dk[c] += ds * (double)q[c];
+            dv[c] += p * (double)dout[c];
         }
     }
-    free(acc);
+}
+
+static int bwd_block_scalar(const spar_attn_dims *dims, bool causal, const spar_qblock *qb,
+                            const spar_kvblock *kb) {
+    int d = dims->head_dim, g_count = dims->kv_heads;
+    size_t dkv_len = (size_t)(kb->n * g_count) * 2 * (size_t)d;
+    double *dq_row = malloc(sizeof(double) * (size_t)d);
+    double *dkv = calloc(dkv_len ? dkv_len : 1, sizeof(double));
+    if (!dq_row || !dkv) {
+        free(dq_row);
+        free(dkv);
+        return SPAR_ENOMEM;
+    }
+    for (int64_t i = 0; i < qb->n; i++) {
+        for (int h = 0; h < dims->heads; h++) {
+            memset(dq_row, 0, sizeof(double) * (size_t)d);
+            backprop_row(dims, causal, qb, i, h, kb, dq_row, dkv);
+            float *dq = qb->dq + i * qb->stride_q + (int64_t)h * d;
+            for (int c = 0; c < d; c++)
+                dq[c] = (float)(dq[c] + dims->scale * dq_row[c]);
+        }
+    }
+    for (int64_t j = 0; j < kb->n; j++) {
+        for (int g = 0; g < g_count; g++) {
+            const double *src = dkv + (j * g_count + g) * 2 * d;
+            float *dk = kb->dk + j * kb->stride_kv + (int64_t)g * d;
+            float *dv = kb->dv + j * kb->stride_kv + (int64_t)g * d;
+            for (int c = 0; c < d; c++) {
+                dk[c] = (float)(dk[c] + dims->scale * src[c]);
+                dv[c] = (float)(dv[c] + src[d + c]);
+            }
+        }
+    }
+    free(dq_row);
+    free(dkv);
     return SPAR_OK;
 }
 
 const spar_kernels spar__kernels_scalar = {
     .name = "scalar",
-    .softmax_fwd_block = softmax_fwd_block_scalar,
+    .softmax_fwd_block = fwd_block_scalar,
+    .softmax_bwd_block = bwd_block_scalar,
 };

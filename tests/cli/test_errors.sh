@@ -82,9 +82,9 @@ t_linear_not_available() {
         run "${SMALL[@]}" --set attention.type=linear
 }
 
-t_allgather_not_available() {
-    expect_bad_input 2 "key parallel\.method: 'allgather' is not available yet.*allowed now: ring\|local" -- \
-        run "${SMALL[@]}" --set parallel.method=allgather
+t_lasp2_not_available() {
+    expect_bad_input 2 "key parallel\.method: 'lasp2' is not available yet.*allowed now: ring\|allgather\|local" -- \
+        run "${SMALL[@]}" --set parallel.method=lasp2
 }
 
 t_missing_npy() {
@@ -267,6 +267,25 @@ t_config_needs_file() {
     expect_exit 2 0 "an experiment FILE is required" -- config check
 }
 
+t_gradient_output_without_backward() {
+    expect_bad_input 2 "key output\.dq: '.*dq\.npy' is given but run\.backward is false.*allowed: set run\.backward=true" -- \
+        run "${SMALL[@]}" --set output.dq="$TMP/dq.npy"
+}
+
+t_do_wrong_shape() {
+    # data.do must be [N,H,d]: a [N,G,d] file is refused with both shapes.
+    expect_bad_input 2 "key data\.do: '.*kv\.npy' has shape \(64, 2, 16\) but \(64, 4, 16\) is required" -- \
+        run "${SMALL[@]}" --set run.backward=true --set data.do="$KV_OK"
+}
+
+t_head_groups_negative() {
+    expect_bad_input 3 "key parallel\.head_groups: '-1' is out of range" -- \
+        run "${SMALL[@]}" --set parallel.method=allgather --set parallel.head_groups=-1
+}
+
+case_run "output.dq without run.backward, np 2" t_gradient_output_without_backward
+case_run "data.do with the shape of k, np 2" t_do_wrong_shape
+case_run "parallel.head_groups=-1 is out of range, np 3" t_head_groups_negative
 case_run "unknown key via --set (with suggestion), np 2" t_unknown_key_set
 case_run "unknown key in a YAML file (file:line, suggestion), np 2" t_unknown_key_yaml
 case_run "unknown key with nothing close, np 1" t_unknown_key_far
@@ -279,7 +298,7 @@ case_run "heads=8 kv_heads=3: kv_heads must divide heads, np 2" t_kv_heads_not_d
 case_run "sequence.length=1 < 2 ranks, np 2" t_length_below_ranks
 case_run "sequence.length=2 < 3 ranks, np 3" t_length_below_ranks_np3
 case_run "attention.type=linear is not available yet, np 2" t_linear_not_available
-case_run "parallel.method=allgather is not available yet, np 2" t_allgather_not_available
+case_run "parallel.method=lasp2 is not available yet, np 2" t_lasp2_not_available
 case_run "data.q names a missing file, np 2" t_missing_npy
 case_run "data.k names a directory (unreadable as a file), np 2" t_npy_is_directory
 case_run "data.v has bad magic, np 2" t_npy_bad_magic

@@ -27,8 +27,8 @@ run_partition() {
         --set output.results="$RESULTS" --set run.name="cli-$part" --set run.verify=true
     cp "$OUT" "$RES/stdout-$part.txt"
     grep -q '^# progress: ' "$OUT" || { show_output; fail "no '# progress:' line"; }
-    grep -Eq '^# method +ranks +N ' "$OUT" || { show_output; fail "no result table header"; }
-    grep -Eq "^ +ring +3 +$N +$H +$G +$D +$part " "$OUT" ||
+    grep -Eq '^# method +pass +ranks +N ' "$OUT" || { show_output; fail "no result table header"; }
+    grep -Eq "^ring +fwd +3 +$N +$H +$G +$D +$part " "$OUT" ||
         { show_output; fail "no result row for ring, 3 ranks, $part"; }
     grep -q '^# verify: passed' "$OUT" || { show_output; fail "no '# verify: passed' line"; }
     expect_no_match '(^|\] )(error|warning): '
@@ -123,8 +123,8 @@ lines = open(path).read().splitlines()
 errors = []
 if len(lines) != len(parts):
     errors.append(f"{len(lines)} lines, expected one per run ({len(parts)})")
-need = ["settings", "ranks", "seconds", "gflops_per_s", "bytes_sent_per_rank",
-        "peak_mib_per_rank", "hosts", "rel_err_o", "git_commit", "mpi_library"]
+need = ["settings", "ranks", "forward", "backward", "peak_mib_per_rank", "hosts", "rel_err",
+        "git_commit", "mpi_library"]
 for i, line in enumerate(lines):
     try:
         rec = json.loads(line)
@@ -137,14 +137,19 @@ for i, line in enumerate(lines):
         continue
     if rec["ranks"] != 3:
         errors.append(f"line {i + 1}: ranks {rec['ranks']}, expected 3")
-    for k in ("bytes_sent_per_rank", "peak_mib_per_rank", "hosts"):
-        if not isinstance(rec[k], list) or len(rec[k]) != 3:
-            errors.append(f"line {i + 1}: {k} = {rec[k]!r}, expected 3 entries")
-    if not isinstance(rec["rel_err_o"], (int, float)) or not rec["rel_err_o"] <= 1e-5:
-        errors.append(f"line {i + 1}: rel_err_o = {rec['rel_err_o']!r}, expected <= 1e-5")
+    if rec["backward"] is not None:
+        errors.append(f"line {i + 1}: backward = {rec['backward']!r}, expected null (no backward)")
+    fwd = rec["forward"]
+    for k, v in (("bytes_sent_per_rank", fwd.get("bytes_sent_per_rank")),
+                 ("peak_mib_per_rank", rec["peak_mib_per_rank"]), ("hosts", rec["hosts"])):
+        if not isinstance(v, list) or len(v) != 3:
+            errors.append(f"line {i + 1}: {k} = {v!r}, expected 3 entries")
+    err_o = rec["rel_err"].get("o")
+    if not isinstance(err_o, (int, float)) or not err_o <= 1e-5:
+        errors.append(f"line {i + 1}: rel_err.o = {err_o!r}, expected <= 1e-5")
     for k in ("seconds", "gflops_per_s"):
-        if not isinstance(rec[k], (int, float)) or rec[k] < 0:
-            errors.append(f"line {i + 1}: {k} = {rec[k]!r}, expected a number >= 0")
+        if not isinstance(fwd.get(k), (int, float)) or fwd[k] < 0:
+            errors.append(f"line {i + 1}: forward.{k} = {fwd.get(k)!r}, expected a number >= 0")
     for k in ("git_commit", "mpi_library"):
         if not isinstance(rec[k], str) or not rec[k]:
             errors.append(f"line {i + 1}: {k} = {rec[k]!r}, expected text")

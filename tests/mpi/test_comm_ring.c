@@ -34,21 +34,23 @@ static int rotate_and_check(spar_comm *comm) {
     for (int step = 0, cur = 0; step + 1 < p; step++, cur ^= 1) {
         int src = (r - step + p) % p, next = (r - step - 1 + 2 * p) % p;
         expected_bytes += block_bytes(src);
-        if (spar_comm_ring_start(comm, buf[cur], block_bytes(src), buf[cur ^ 1],
-                                 block_bytes(next)) != SPAR_OK)
+        spar_comm_op *op = NULL;
+        if (spar_comm_ring_start(comm, step % 4, buf[cur], block_bytes(src), buf[cur ^ 1],
+                                 block_bytes(next), &op) != SPAR_OK)
             return 1;
         int done = 0;
         while (!done) /* the engine computes here; we only make progress */
-            if (spar_comm_ring_test(comm, &done) != SPAR_OK) return 1;
+            if (spar_comm_op_test(comm, op, &done) != SPAR_OK) return 1;
+        if (spar_comm_op_wait(comm, &op) != SPAR_OK || op != NULL) return 1;
         fill_block(want, next);
         if (memcmp(buf[cur ^ 1], want, block_bytes(next)) != 0) {
             fprintf(stderr, "rank %d step %d: block of rank %d arrived changed\n", r, step, next);
             wrong++;
         }
     }
-    if (spar_comm_ring_bytes_sent(comm) != expected_bytes) {
+    if (spar_comm_bytes_sent(comm) != expected_bytes) {
         fprintf(stderr, "rank %d: counted %llu ring bytes, sent %llu\n", r,
-                (unsigned long long)spar_comm_ring_bytes_sent(comm),
+                (unsigned long long)spar_comm_bytes_sent(comm),
                 (unsigned long long)expected_bytes);
         wrong++;
     }

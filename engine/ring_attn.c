@@ -1,0 +1,212 @@
+/* ring_attn.c: Ring Self-Attention forward and backward (DESIGN.md 3.2).
+ *
+ * Blocks travel as [K | V] (2 C G d floats). Forward posts the exchange of the next
+ * block before computing on the held one. Backward does the same on channel 0 and, on
+ * channel 1, moves the fp32 [dK | dV] accumulator of each block one step behind it: a
+ * rank computes its queries' contribution to the held block into a fresh buffer, adds
+ * the accumulator that arrived from rank-1 (every earlier rank's contribution), and
+ * sends the sum on to rank+1; after the last step the sum reaches the block's owner.
+ * The accumulator sent at step t is awaited at step t+1, after that step's compute.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine_internal.h"
+
+enum { CHANNEL_KV = 0, CHANNEL_GRAD = 1 };
+
+typedef struct ring {
+    spar_comm *comm;
+    const spar_softmax_problem *prob;
+    int rank, size;
+    int64_t max_len;
+    size_t row; /* floats per token of one of K, V, dK, dV: G d */
+    spar__chunk qc, held;
+} ring;
+
+static int ring_init(ring *rg, spar_comm *comm, const spar_softmax_problem *prob) {
+    *rg = (ring){.comm = comm, .prob = prob, .rank = spar_comm_rank(comm),
+                 .size = spar_comm_size(comm)};
+    if (prob->part->ranks != rg->size)
+        return spar_errorf(SPAR_EINVAL, "partition is for %d ranks but the job has %d",
+                           prob->part->ranks, rg->size);
+    rg->max_len = spar_partition_max_local_len(prob->part);
+    rg->row = (size_t)prob->dims.kv_heads * (size_t)prob->dims.head_dim;
+    return spar__chunk_init(&rg->qc, prob->part, rg->rank, rg->max_len);
+}
+
+static void ring_free(ring *rg) {
+    spar__chunk_free(&rg->qc);
+    spar__chunk_free(&rg->held);
+}
+
+/* Source rank of the block held at `step`, and its [K | V] size in bytes. */
+static int source(const ring *rg, int step) {
+    return ((rg->rank - step) % rg->size + rg->size) % rg->size;
+}
+
+static size_t block_bytes(const ring *rg, int src) {
+    return 2 * (size_t)spar_partition_local_len(rg->prob->part, src) * rg->row * sizeof(float);
+}
+
+/* Posts the exchange that brings the block of the next step (none after the last). */
+static int start_next_kv(ring *rg, int step, float *held, float *next, spar_comm_op **op) {
+    if (step + 1 >= rg->size) return SPAR_OK;
+    return spar_comm_ring_start(rg->comm, CHANNEL_KV, held, block_bytes(rg, source(rg, step)), next,
+                                block_bytes(rg, source(rg, step + 1)), op);
+}
+
+static float *alloc_blocks(const ring *rg) {
+    return malloc(2 * (size_t)rg->max_len * rg->row * sizeof(float));
+}
+
+/* The local [K | V] block, packed the way it travels. */
+static void pack_local(const ring *rg, const spar_attn_io *io, float *dst) {
+    size_t n = (size_t)rg->qc.len * rg->row;
+    memcpy(dst, io->k, n * sizeof(float));
+    memcpy(dst + n, io->v, n * sizeof(float));
+}
+
+static void finish_metrics(ring *rg, spar_metrics *m, double t_start, uint64_t bytes0,
+                           const spar__pass *pass, bool backward) {
+    m->seconds = spar__now() - t_start;
+    m->compute_seconds = pass->compute_seconds;
+    m->flops = spar_attn_flops(rg->prob, rg->rank, backward);
+    m->bytes_sent = spar_comm_bytes_sent(rg->comm) - bytes0;
+    m->steps = rg->size;
+}
+
+int spar__ring_forward(spar_comm *comm, const spar_softmax_problem *prob, const spar_attn_io *io,
+                       spar_metrics *metrics) {
+    double t_start = spar__now();
+    uint64_t bytes0 = spar_comm_bytes_sent(comm);
+    spar_metrics m = {0};
+    ring rg;
+    spar__pass pass;
+    spar_comm_op *op = NULL;
+    float *bufs[2] = {NULL, NULL};
+    int rc = ring_init(&rg, comm, prob);
+    if (rc == 0 && (!(bufs[0] = alloc_blocks(&rg)) || !(bufs[1] = alloc_blocks(&rg))))
+        rc = SPAR_ENOMEM;
+    if (rc != 0) goto done;
+    pack_local(&rg, io, bufs[0]);
+    spar_softmax_init_partial(rg.qc.len, prob->dims.heads, prob->dims.head_dim, io->o, io->lse);
+    spar__pass_init(&pass, prob, io, &rg.qc, false, NULL);
+    pass.comm = comm;
+    pass.pending[0] = &op;
+    for (int step = 0, cur = 0; step < rg.size && rc == 0; step++, cur ^= 1) {
+        if ((rc = spar__chunk_init(&rg.held, prob->part, source(&rg, step), rg.max_len)) != 0 ||
+            (rc = start_next_kv(&rg, step, bufs[cur], bufs[cur ^ 1], &op)) != 0)
+            break;
+        size_t n = (size_t)rg.held.len * rg.row;
+        spar_kvblock kv = {rg.held.len, NULL, (int64_t)rg.row, bufs[cur], bufs[cur] + n, NULL, NULL};
+        rc = spar__pass_chunk(&pass, &rg.held, &kv);
+        double t0 = spar__now();
+        int wrc = spar_comm_op_wait(comm, &op);
+        m.wait_seconds += spar__now() - t0;
+        rc = rc ? rc : wrc;
+        if (rc == 0 && prob->progress && rg.rank == 0)
+            prob->progress(prob->progress_ctx, "ring forward step", step + 1, rg.size);
+    }
+    if (rc == 0) finish_metrics(&rg, &m, t_start, bytes0, &pass, false);
+done:
+    /* On failure an operation may still be in flight: it is left alone (its buffers too),
+     * since waiting on a failed peer would hang and the caller ends the job. */
+    ring_free(&rg);
+    if (op) bufs[0] = bufs[1] = NULL;
+    free(bufs[0]);
+    free(bufs[1]);
+    if (metrics) *metrics = m;
+    return rc;
+}
+
+/* Backward buffers: K/V in flight, this step's gradient partial and the one still being
+ * sent, and the accumulator arriving from rank-1. */
+typedef struct grad_bufs {
+    float *kv[2], *part[2], *acc_in, *delta;
+} grad_bufs;
+
+static int grad_bufs_alloc(const ring *rg, grad_bufs *b) {
+    *b = (grad_bufs){{alloc_blocks(rg), alloc_blocks(rg)}, {alloc_blocks(rg), alloc_blocks(rg)},
+                     alloc_blocks(rg),
+                     malloc(sizeof(float) * (size_t)(rg->qc.len * rg->prob->dims.heads) + 1)};
+    return b->kv[0] && b->kv[1] && b->part[0] && b->part[1] && b->acc_in && b->delta
+               ? SPAR_OK
+               : SPAR_ENOMEM;
+}
+
+static void grad_bufs_free(grad_bufs *b) {
+    free(b->kv[0]), free(b->kv[1]), free(b->part[0]), free(b->part[1]);
+    free(b->acc_in), free(b->delta);
+}
+
+/* After computing step `step` into part: fold in what earlier ranks added to this block,
+ * then pass the sum on (to the block's owner after the last step). */
+static int forward_gradients(ring *rg, int step, float *part, grad_bufs *b, spar_comm_op **op,
+                             double *wait) {
+    size_t floats = block_bytes(rg, source(rg, step)) / sizeof(float);
+    double t0 = spar__now();
+    SPAR_TRY(spar_comm_op_wait(rg->comm, op)); /* the accumulator for this block */
+    *wait += spar__now() - t0;
+    if (step > 0) spar_vec_add((int64_t)floats, part, b->acc_in);
+    if (rg->size == 1) return SPAR_OK;
+    return spar_comm_ring_start(rg->comm, CHANNEL_GRAD, part, floats * sizeof(float), b->acc_in,
+                                block_bytes(rg, source(rg, step + 1)), op);
+}
+
+static int ring_backward_steps(ring *rg, const spar_attn_io *io, grad_bufs *b, spar__pass *pass,
+                               spar_comm_op **kv_op, spar_comm_op **grad_op, spar_metrics *m) {
+    const spar_softmax_problem *prob = rg->prob;
+    for (int step = 0, cur = 0; step < rg->size; step++, cur ^= 1) {
+        SPAR_TRY(spar__chunk_init(&rg->held, prob->part, source(rg, step), rg->max_len));
+        SPAR_TRY(start_next_kv(rg, step, b->kv[cur], b->kv[cur ^ 1], kv_op));
+        size_t n = (size_t)rg->held.len * rg->row;
+        memset(b->part[cur], 0, 2 * n * sizeof(float));
+        spar_kvblock kv = {rg->held.len, NULL,          (int64_t)rg->row, b->kv[cur],
+                           b->kv[cur] + n, b->part[cur], b->part[cur] + n};
+        SPAR_TRY(spar__pass_chunk(pass, &rg->held, &kv));
+        SPAR_TRY(forward_gradients(rg, step, b->part[cur], b, grad_op, &m->wait_seconds));
+        double t0 = spar__now();
+        SPAR_TRY(spar_comm_op_wait(rg->comm, kv_op));
+        m->wait_seconds += spar__now() - t0;
+        if (prob->progress && rg->rank == 0)
+            prob->progress(prob->progress_ctx, "ring backward step", step + 1, rg->size);
+    }
+    /* The accumulator of our own block, complete, arrives from rank-1 last. */
+    SPAR_TRY(spar_comm_op_wait(rg->comm, grad_op));
+    const float *mine = rg->size == 1 ? b->part[0] : b->acc_in;
+    size_t n = (size_t)rg->qc.len * rg->row;
+    memcpy(io->dk, mine, n * sizeof(float));
+    memcpy(io->dv, mine + n, n * sizeof(float));
+    return SPAR_OK;
+}
+
+int spar__ring_backward(spar_comm *comm, const spar_softmax_problem *prob, const spar_attn_io *io,
+                        spar_metrics *metrics) {
+    double t_start = spar__now();
+    uint64_t bytes0 = spar_comm_bytes_sent(comm);
+    spar_metrics m = {0};
+    ring rg;
+    grad_bufs b = {0};
+    spar__pass pass;
+    spar_comm_op *kv_op = NULL, *grad_op = NULL;
+    int rc = ring_init(&rg, comm, prob);
+    if (rc == 0) rc = grad_bufs_alloc(&rg, &b);
+    if (rc == 0) {
+        int h = prob->dims.heads, d = prob->dims.head_dim;
+        pack_local(&rg, io, b.kv[0]);
+        spar_softmax_bwd_delta(rg.qc.len, h, d, io->o, io->dout, b.delta);
+        memset(io->dq, 0, sizeof(float) * (size_t)(rg.qc.len * h * d));
+        spar__pass_init(&pass, prob, io, &rg.qc, true, b.delta);
+        pass.comm = comm;
+        pass.pending[0] = &kv_op;
+        pass.pending[1] = &grad_op;
+        rc = ring_backward_steps(&rg, io, &b, &pass, &kv_op, &grad_op, &m);
+    }
+    if (rc == 0) finish_metrics(&rg, &m, t_start, bytes0, &pass, true);
+    if (rc == 0 || (!kv_op && !grad_op)) /* else in flight: left alone, as in forward */
+        grad_bufs_free(&b);
+    ring_free(&rg);
+    if (metrics) *metrics = m;
+    return rc;
+}
