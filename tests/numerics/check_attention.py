@@ -185,6 +185,23 @@ def verify_case(np_ranks, tmp):
     return worst
 
 
+def memory_case(np_ranks, tmp):
+    """No rank holds an N_local x N score matrix: at N=12288 one would take 288 MiB at two
+    ranks, while the whole process (MPI included) must stay under 96 MiB."""
+    n = 12288
+    results = os.path.join(tmp, "memory.jsonl")
+    for method in ("ring", "allgather"):
+        run_spar(np_ranks, {"sequence.length": n, "attention.heads": 1,
+                            "attention.head_dim": 4, "run.backward": "true",
+                            "parallel.method": method, "output.results": results}, tmp)
+        with open(results) as f:
+            peak = max(json.loads(f.readlines()[-1])["peak_mib_per_rank"])
+        score_mib = (n // np_ranks) * n * 4 / 2**20
+        assert peak < 96, f"{method}: peak {peak:.1f} MiB per rank"
+        print(f"ok - np={np_ranks} {method} N={n}: peak {peak:.1f} MiB per rank, "
+              f"an N_local x N score matrix alone would be {score_mib:.0f} MiB")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--np", type=int, required=True, help="MPI ranks")
@@ -227,6 +244,8 @@ def main():
                                    method="local")
                 worst = max(worst, err)
         worst = max(worst, verify_case(args.np, tmp))
+        if args.np == 2:
+            memory_case(args.np, tmp)
     print(f"largest relative L2 error at np={args.np}: {worst:.3e}")
 
 

@@ -1,10 +1,13 @@
-/* test_kernels.c: the scalar softmax block kernel and the partial merge against an
- * independent float64 reference (kernels/kernels.h).
+/* test_kernels.c: the forward softmax block kernel and the element-wise pieces around the
+ * kernels: partial init and merge, spar_softmax_bwd_delta, spar_vec_add (kernels/kernels.h).
+ * The backward kernel has its own file, test_kernels_bwd.c.
  *
  * The reference is written the naive way on purpose: the full score row in double, its
  * maximum, the sum of exponentials, then the weighted sum of values. It shares no code
  * with the online softmax it checks. Shapes are chosen to be awkward: head_dim 1 and odd
  * sizes, GQA (H=6, G=2), MQA (H=4, G=1), nq != nk, and sorted but irregular positions.
+ * Strided views (some heads of a wider tensor) must compute bit for bit what a dense call on
+ * copies of those heads computes, and touch nothing else.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -17,7 +20,9 @@
 
 #include <cmocka.h>
 
-#include "kernels.h" // defines: spar_kernels_select, spar_softmax_init_partial, _merge
+#include "kernels.h" // defines: spar_kernels_select, spar_qblock, spar_kvblock, spar_vec_add,
+                     //          spar_softmax_init_partial, spar_softmax_merge,
+                     //          spar_softmax_bwd_delta
 
 /* --- inputs ----------------------------------------------------------------------------- */
 
@@ -170,9 +175,10 @@ static void print_case(const attn_case *c) {
 
 /* Asserts that got matches ref over n values: relative L2 error <= tol and every element
  * within |got - ref| <= tol + 10 tol |ref|. Entries where ref is -inf (a row that saw no
- * key) must be -inf in got too and are left out of the norm. Prints the worst element. */
-static void check_close(const char *what, int64_t n, const float *got, const double *ref,
-                        double tol) {
+ * key) must be -inf in got too and are left out of the norm. Prints the worst element.
+ * Returns the relative L2 error, for the worst-case summary a test prints. */
+static double check_close(const char *what, int64_t n, const float *got, const double *ref,
+                          double tol) {
     double num = 0.0, den = 0.0, worst = -1.0;
     int64_t worst_i = -1, bad = 0;
     for (int64_t i = 0; i < n; i++) {
@@ -203,17 +209,23 @@ static void check_close(const char *what, int64_t n, const float *got, const dou
     }
     assert_true(err <= tol);
     assert_int_equal(bad, 0);
+    return err;
 }
 
 /* Same as check_close but against a float result (one path against another). */
-static void check_close_f(const char *what, int64_t n, const float *got, const float *ref,
-                          double tol) {
+static double check_close_f(const char *what, int64_t n, const float *got, const float *ref,
+                            double tol) {
     double *r = malloc(sizeof *r * (size_t)n);
     assert_non_null(r);
     for (int64_t i = 0; i < n; i++)
         r[i] = (double)ref[i];
-    check_close(what, n, got, r, tol);
+    double err = check_close(what, n, got, r, tol);
     free(r);
+    return err;
+}
+
+static double max_d(double a, double b) {
+    return a > b ? a : b;
 }
 
 /* --- helpers over the kernel ----------------------------------------------------------- */
@@ -234,14 +246,23 @@ static void free_partial(partial *p) {
     free(p->o), free(p->lse);
 }
 
-/* Runs keys [k0, k1) into partial p. */
+/* Runs keys [k0, k1) into partial p, all tensors dense. */
 static void run_block(const spar_kernels *kern, const attn_case *c, const attn_data *a, int64_t k0,
                       int64_t k1, partial *p) {
-    int g = c->kv_heads, d = c->head_dim;
-    int rc = kern->softmax_fwd_block(&a->dims, c->nq, a->q, a->q_pos, k1 - k0, a->k + k0 * g * d,
-                                     a->v + k0 * g * d, a->k_pos ? a->k_pos + k0 : NULL, c->causal,
-                                     p->o, p->lse);
-    assert_int_equal(rc, 0);
+    int hh = c->heads, g = c->kv_heads, d = c->head_dim;
+    spar_qblock qb = {.n = c->nq,
+                      .pos = a->q_pos,
+                      .stride_q = (int64_t)hh * d,
+                      .stride_lse = hh,
+                      .q = a->q,
+                      .o = p->o,
+                      .lse = p->lse};
+    spar_kvblock kb = {.n = k1 - k0,
+                       .pos = a->k_pos ? a->k_pos + k0 : NULL,
+                       .stride_kv = (int64_t)g * d,
+                       .k = a->k + k0 * g * d,
+                       .v = a->v + k0 * g * d};
+    assert_int_equal(kern->softmax_fwd_block(&a->dims, c->causal, &qb, &kb), 0);
 }
 
 /* --- tests --------------------------------------------------------------------------------- */
@@ -254,6 +275,8 @@ static void select_finds_scalar_and_auto_and_rejects_unknown_names(void **state)
     assert_string_equal(scalar->name, "scalar");
     assert_non_null(spar_kernels_select("auto"));
     assert_non_null(spar_kernels_select("auto")->softmax_fwd_block);
+    assert_non_null(spar_kernels_select("auto")->softmax_bwd_block);
+    assert_non_null(scalar->softmax_bwd_block);
     assert_null(spar_kernels_select("cuda-that-is-not-built"));
     assert_null(spar_kernels_select(""));
 }
@@ -272,6 +295,7 @@ static void init_partial_means_no_keys_seen(void **state) {
 static void check_backend_matches_reference(const char *backend) {
     const spar_kernels *kern = spar_kernels_select(backend);
     assert_non_null(kern);
+    double worst_o = 0.0, worst_lse = 0.0;
     for (size_t ci = 0; ci < CASE_COUNT; ci++) {
         const attn_case *c = &cases[ci];
         attn_data a = make_data(c, ci + 1);
@@ -282,10 +306,12 @@ static void check_backend_matches_reference(const char *backend) {
         partial p = new_partial(c);
         run_block(kern, c, &a, 0, c->nk, &p);
         current_case = c;
-        check_close("o", no, p.o, ro, 1e-5);
-        check_close("lse", nl, p.lse, rl, 1e-5);
+        worst_o = max_d(worst_o, check_close("o", no, p.o, ro, 1e-5));
+        worst_lse = max_d(worst_lse, check_close("lse", nl, p.lse, rl, 1e-5));
         free_partial(&p), free(ro), free(rl), free_data(&a);
     }
+    printf("# %s forward vs float64: worst rel L2 o %.2e lse %.2e (tol 1e-5)\n", backend, worst_o,
+           worst_lse);
 }
 
 static void scalar_kernel_matches_float64_reference(void **state) {
@@ -301,6 +327,7 @@ static void auto_kernel_matches_float64_reference(void **state) {
 /* Keys cut into `parts` uneven blocks, each into its own partial, merged in order. */
 static void check_merge_of_blocks(int parts) {
     const spar_kernels *kern = spar_kernels_select("scalar");
+    double worst_split = 0.0, worst_ref = 0.0;
     for (size_t ci = 0; ci < CASE_COUNT; ci++) {
         const attn_case *c = &cases[ci];
         if (c->nk < parts) continue;
@@ -322,12 +349,18 @@ static void check_merge_of_blocks(int parts) {
         assert_true(ro && rl);
         reference(c, &a, 0, c->nk, ro, rl);
         current_case = c;
-        check_close_f("o merged vs one block", no, merged.o, whole.o, 1e-6);
-        check_close_f("lse merged vs one block", nl, merged.lse, whole.lse, 1e-6);
-        check_close("o merged vs reference", no, merged.o, ro, 1e-5);
-        check_close("lse merged vs reference", nl, merged.lse, rl, 1e-5);
+        worst_split =
+            max_d(worst_split, check_close_f("o merged vs one block", no, merged.o, whole.o, 1e-6));
+        worst_split = max_d(
+            worst_split, check_close_f("lse merged vs one block", nl, merged.lse, whole.lse, 1e-6));
+        worst_ref = max_d(worst_ref, check_close("o merged vs reference", no, merged.o, ro, 1e-5));
+        worst_ref =
+            max_d(worst_ref, check_close("lse merged vs reference", nl, merged.lse, rl, 1e-5));
         free(ro), free(rl), free_partial(&whole), free_partial(&merged), free_data(&a);
     }
+    printf("# %d merged blocks: worst rel L2 vs one block %.2e (tol 1e-6), vs float64 %.2e "
+           "(tol 1e-5)\n",
+           parts, worst_split, worst_ref);
 }
 
 static void merging_two_key_blocks_equals_one_block(void **state) {
@@ -411,6 +444,134 @@ static void query_that_sees_no_key_of_a_block_is_left_unchanged(void **state) {
     free(ro), free(rl), free_partial(&p), free_partial(&keep), free_data(&a);
 }
 
+/* --- strided views ------------------------------------------------------------------------- */
+
+/* dst: [n, count, w] <- heads [h0, h0 + count) of src: [n, wide, w] (w = head_dim, 1 for lse). */
+static void gather_heads(int64_t n, int wide, int h0, int count, int w, const float *src,
+                         float *dst) {
+    for (int64_t i = 0; i < n; i++)
+        memcpy(dst + i * count * w, src + (i * wide + h0) * w, sizeof(float) * (size_t)(count * w));
+}
+
+/* Heads [h0, h0 + count) of dst: [n, wide, w] <- src: [n, count, w]. */
+static void scatter_heads(int64_t n, int wide, int h0, int count, int w, const float *src,
+                          float *dst) {
+    for (int64_t i = 0; i < n; i++)
+        memcpy(dst + (i * wide + h0) * w, src + i * count * w, sizeof(float) * (size_t)(count * w));
+}
+
+/* Heads outside [h0, h0 + count) of x: [n, wide, w] set to NaN: a kernel that reads them
+ * spreads NaN into what it writes. */
+static void poison_other_heads(int64_t n, int wide, int h0, int count, int w, float *x) {
+    for (int64_t i = 0; i < n; i++)
+        for (int h = 0; h < wide; h++)
+            for (int c = 0; c < w && (h < h0 || h >= h0 + count); c++)
+                x[(i * wide + h) * w + c] = NAN;
+}
+
+/* The forward call covers query heads 2..5 of an 8-head tensor (stride_q = 8d, stride_lse
+ * = 8) and kv heads 1..2 of a 4-head one (stride_kv = 4d), over two key blocks. It must
+ * write exactly what a dense call on copies of those heads writes, and no other byte. */
+static void
+forward_on_a_head_subset_view_equals_a_dense_copy_and_touches_no_other_head(void **state) {
+    (void)state;
+    enum { WH = 8, WG = 4, H0 = 2, G0 = 1, D = 33, NQ = 7, NK = 9, KCUT = 4 };
+    attn_case c = {4, 2, D, NQ, NK, true, POS_RANDOM}; /* the dense problem */
+    attn_data a = make_data(&c, 21);                   /* a.q, a.k, a.v: the dense copies */
+    const spar_kernels *kern = spar_kernels_select("scalar");
+    float *wq = random_floats(NQ * WH * D), *wk = random_floats(NK * WG * D);
+    float *wv = random_floats(NK * WG * D), *wo = random_floats(NQ * WH * D);
+    float *wl = random_floats(NQ * WH), *want_o = malloc(sizeof(float) * NQ * WH * D);
+    float *want_l = malloc(sizeof(float) * NQ * WH), *got = malloc(sizeof(float) * NQ * WH * D);
+    assert_true(want_o && want_l && got);
+    poison_other_heads(NQ, WH, H0, 4, D, wq);
+    poison_other_heads(NK, WG, G0, 2, D, wk), poison_other_heads(NK, WG, G0, 2, D, wv);
+    scatter_heads(NQ, WH, H0, 4, D, a.q, wq);
+    scatter_heads(NK, WG, G0, 2, D, a.k, wk), scatter_heads(NK, WG, G0, 2, D, a.v, wv);
+
+    partial dense = new_partial(&c); /* the view's heads start as "no keys seen" too */
+    scatter_heads(NQ, WH, H0, 4, D, dense.o, wo), scatter_heads(NQ, WH, H0, 4, 1, dense.lse, wl);
+    memcpy(want_o, wo, sizeof(float) * NQ * WH * D), memcpy(want_l, wl, sizeof(float) * NQ * WH);
+    run_block(kern, &c, &a, 0, KCUT, &dense), run_block(kern, &c, &a, KCUT, NK, &dense);
+    for (int b = 0; b < 2; b++) {
+        int64_t k0 = b ? KCUT : 0, k1 = b ? NK : KCUT;
+        spar_qblock qb = {.n = NQ,
+                          .pos = a.q_pos,
+                          .stride_q = WH * D,
+                          .stride_lse = WH,
+                          .q = wq + H0 * D,
+                          .o = wo + H0 * D,
+                          .lse = wl + H0};
+        spar_kvblock kb = {.n = k1 - k0,
+                           .pos = a.k_pos + k0,
+                           .stride_kv = WG * D,
+                           .k = wk + (k0 * WG + G0) * D,
+                           .v = wv + (k0 * WG + G0) * D};
+        assert_int_equal(kern->softmax_fwd_block(&a.dims, true, &qb, &kb), 0);
+    }
+    /* the view's heads: bit for bit the dense call's, which is the attention itself */
+    gather_heads(NQ, WH, H0, 4, D, wo, got);
+    assert_memory_equal(got, dense.o, sizeof(float) * NQ * 4 * D);
+    gather_heads(NQ, WH, H0, 4, 1, wl, got);
+    assert_memory_equal(got, dense.lse, sizeof(float) * NQ * 4);
+    double ro[NQ * 4 * D], rl[NQ * 4];
+    reference(&c, &a, 0, NK, ro, rl);
+    current_case = &c;
+    check_close("o (dense copy)", NQ * 4 * D, dense.o, ro, 1e-5);
+    /* every other head: not one byte changed */
+    scatter_heads(NQ, WH, H0, 4, D, dense.o, want_o),
+        scatter_heads(NQ, WH, H0, 4, 1, dense.lse, want_l);
+    assert_memory_equal(wo, want_o, sizeof(float) * NQ * WH * D);
+    assert_memory_equal(wl, want_l, sizeof(float) * NQ * WH);
+    free(wq), free(wk), free(wv), free(wo), free(wl), free(want_o), free(want_l), free(got);
+    free_partial(&dense), free_data(&a);
+}
+
+/* --- spar_vec_add ------------------------------------------------------------------------- */
+
+/* y += x is the fp32 sum of each pair, nothing more: sums that are exact in fp32 come out
+ * exact, rounded ones as the test's own fp32 addition rounds them, and y[n] past the end
+ * and n = 0 touch nothing. 37 floats: odd, so a vectorised version has a tail. */
+static void vec_add_adds_each_pair_exactly_in_fp32_and_nothing_past_n(void **state) {
+    (void)state;
+    enum { N = 37 };
+    float y[N + 1], x[N], want[N + 1];
+    for (int i = 0; i < N; i++) { /* dyadic values: every sum is exact */
+        y[i] = (float)i * 0.25f - 3.0f, x[i] = 1.5f - (float)i * 0.125f;
+        want[i] = (float)((double)y[i] + (double)x[i]);
+    }
+    y[N] = want[N] = 42.0f;
+    spar_vec_add(N, y, x);
+    assert_memory_equal(y, want, sizeof y);
+    assert_true(y[0] == -1.5f && y[4] == -1.0f);
+
+    rng_state = 99; /* random values: the result is the fp32 sum, rounding included */
+    for (int i = 0; i < N; i++)
+        y[i] = randn_like() * 1e3f, x[i] = randn_like() * 1e-3f, want[i] = y[i] + x[i];
+    spar_vec_add(N, y, x);
+    assert_memory_equal(y, want, sizeof y);
+
+    spar_vec_add(0, y, x);
+    assert_memory_equal(y, want, sizeof y);
+}
+
+/* delta, the backward pass's row term, is rowsum(dout * o) to fp32 rounding. */
+static void bwd_delta_is_the_rowwise_dot_of_dout_and_o(void **state) {
+    (void)state;
+    enum { N = 5, H = 3, D = 33 };
+    rng_state = 5;
+    float *o = random_floats(N * H * D), *dout = random_floats(N * H * D), delta[N * H];
+    double want[N * H];
+    for (int r = 0; r < N * H; r++) {
+        want[r] = 0.0;
+        for (int x = 0; x < D; x++)
+            want[r] += (double)o[r * D + x] * (double)dout[r * D + x];
+    }
+    spar_softmax_bwd_delta(N, H, D, o, dout, delta);
+    check_close("delta", N * H, delta, want, 1e-7);
+    free(o), free(dout);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(select_finds_scalar_and_auto_and_rejects_unknown_names),
@@ -421,6 +582,10 @@ int main(void) {
         cmocka_unit_test(merging_three_key_blocks_equals_one_block),
         cmocka_unit_test(merging_an_empty_partial_is_the_identity),
         cmocka_unit_test(query_that_sees_no_key_of_a_block_is_left_unchanged),
+        cmocka_unit_test(
+            forward_on_a_head_subset_view_equals_a_dense_copy_and_touches_no_other_head),
+        cmocka_unit_test(vec_add_adds_each_pair_exactly_in_fp32_and_nothing_past_n),
+        cmocka_unit_test(bwd_delta_is_the_rowwise_dot_of_dout_and_o),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -291,8 +291,8 @@ static void validate_refuses_inconsistent_settings_with_the_key_named(void **sta
                    "-np 4");
     expect_invalid((const char *[]){"attention.type=linear", NULL}, 1, SPAR_EUNSUP,
                    "attention.type", "linear");
-    expect_invalid((const char *[]){"parallel.method=allgather", NULL}, 1, SPAR_EUNSUP,
-                   "parallel.method", "allgather");
+    expect_invalid((const char *[]){"parallel.method=lasp1", NULL}, 1, SPAR_EUNSUP,
+                   "parallel.method", "lasp1");
 }
 
 static void validate_refuses_output_in_a_missing_directory(void **state) {
