@@ -180,7 +180,6 @@ uint64_t spar_comm_bytes_sent(const spar_comm *comm) {
     return comm->bytes_sent;
 }
 
-
 int spar_comm_agree(spar_comm *comm, int status, int *worst) {
     SPAR_MPI_CHECK(MPI_Allreduce(&status, worst, 1, MPI_INT, MPI_MIN, comm->world));
     return SPAR_OK;
@@ -255,8 +254,8 @@ static void op_free(spar_comm_op *op) {
     free(op);
 }
 
-static int post_ring(spar_comm *comm, spar_comm_op *op, int tag, const void *send, size_t send_bytes,
-                     void *recv, size_t recv_bytes) {
+static int post_ring(spar_comm *comm, spar_comm_op *op, int tag, const void *send,
+                     size_t send_bytes, void *recv, size_t recv_bytes) {
     int right = (comm->rank + 1) % comm->size, left = (comm->rank + comm->size - 1) % comm->size;
     if (comm->rank == comm->fault_ring_rank)
         right = comm->size; /* an invalid peer: MPI itself reports the failure */
@@ -277,7 +276,8 @@ int spar_comm_ring_start(spar_comm *comm, int channel, const void *send, size_t 
                          void *recv, size_t recv_bytes, spar_comm_op **op) {
     *op = NULL;
     if (channel < 0 || channel >= RING_CHANNELS)
-        return spar_errorf(SPAR_EINVAL, "ring channel %d outside 0..%d", channel, RING_CHANNELS - 1);
+        return spar_errorf(SPAR_EINVAL, "ring channel %d outside 0..%d", channel,
+                           RING_CHANNELS - 1);
     size_t pieces = (send_bytes + PIECE_BYTES - 1) / PIECE_BYTES;
     size_t rpieces = (recv_bytes + PIECE_BYTES - 1) / PIECE_BYTES;
     if (pieces + rpieces > MAX_OP_REQS)
@@ -316,9 +316,9 @@ int spar_comm_allgather_start(spar_comm *comm, const float *send, float *recv,
     SPAR_TRY(op_new(op));
     int rc = collective_counts(comm, counts, *op);
     if (rc == 0) {
-        int mpi_rc = MPI_Iallgatherv(send, (*op)->counts[comm->rank], MPI_FLOAT, recv,
-                                     (*op)->counts, (*op)->displs, MPI_FLOAT, comm->world,
-                                     &(*op)->reqs[0]);
+        int mpi_rc =
+            MPI_Iallgatherv(send, (*op)->counts[comm->rank], MPI_FLOAT, recv, (*op)->counts,
+                            (*op)->displs, MPI_FLOAT, comm->world, &(*op)->reqs[0]);
         (*op)->nreqs = 1;
         rc = mpi_status(mpi_rc, "MPI_Iallgatherv");
     }
@@ -336,8 +336,8 @@ int spar_comm_reduce_scatter_start(spar_comm *comm, const float *send, float *re
     SPAR_TRY(op_new(op));
     int rc = collective_counts(comm, counts, *op);
     if (rc == 0) {
-        int mpi_rc = MPI_Ireduce_scatter(send, recv, (*op)->counts, MPI_FLOAT, MPI_SUM,
-                                         comm->world, &(*op)->reqs[0]);
+        int mpi_rc = MPI_Ireduce_scatter(send, recv, (*op)->counts, MPI_FLOAT, MPI_SUM, comm->world,
+                                         &(*op)->reqs[0]);
         (*op)->nreqs = 1;
         rc = mpi_status(mpi_rc, "MPI_Ireduce_scatter");
     }

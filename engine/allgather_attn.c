@@ -19,13 +19,13 @@ typedef struct gather {
     const spar_softmax_problem *prob;
     const spar_attn_io *io;
     int rank, size, ngroups, max_gh;
-    int64_t *counts;   /* [size] floats of rank s's [K|V] (or [dK|dV]) for the current group */
-    int64_t *displs;   /* [size] where rank s's block starts in a gathered buffer */
-    float *send[2];    /* the local [K|V] of a group, packed */
-    float *all[2];     /* gathered [K|V] of a group, every rank */
-    float *grad[2];    /* backward: [dK|dV] partials of every rank's tokens */
-    float *mine[2];    /* backward: this rank's summed [dK|dV] of a group */
-    float *delta;      /* backward: [C, H] */
+    int64_t *counts; /* [size] floats of rank s's [K|V] (or [dK|dV]) for the current group */
+    int64_t *displs; /* [size] where rank s's block starts in a gathered buffer */
+    float *send[2];  /* the local [K|V] of a group, packed */
+    float *all[2];   /* gathered [K|V] of a group, every rank */
+    float *grad[2];  /* backward: [dK|dV] partials of every rank's tokens */
+    float *mine[2];  /* backward: this rank's summed [dK|dV] of a group */
+    float *delta;    /* backward: [C, H] */
     spar__chunk qc, held;
 } gather;
 
@@ -41,7 +41,8 @@ static void set_counts(gather *ga, int gi) {
     group_heads(ga, gi, &first, &gh);
     int64_t total = 0;
     for (int s = 0; s < ga->size; s++) {
-        ga->counts[s] = 2 * spar_partition_local_len(ga->prob->part, s) * gh * ga->prob->dims.head_dim;
+        ga->counts[s] =
+            2 * spar_partition_local_len(ga->prob->part, s) * gh * ga->prob->dims.head_dim;
         ga->displs[s] = total;
         total += ga->counts[s];
     }
@@ -49,7 +50,10 @@ static void set_counts(gather *ga, int gi) {
 
 static int gather_init(gather *ga, spar_comm *comm, const spar_softmax_problem *prob,
                        const spar_attn_io *io, bool backward) {
-    *ga = (gather){.comm = comm, .prob = prob, .io = io, .rank = spar_comm_rank(comm),
+    *ga = (gather){.comm = comm,
+                   .prob = prob,
+                   .io = io,
+                   .rank = spar_comm_rank(comm),
                    .size = spar_comm_size(comm)};
     if (prob->part->ranks != ga->size)
         return spar_errorf(SPAR_EINVAL, "partition is for %d ranks but the job has %d",
@@ -65,7 +69,8 @@ static int gather_init(gather *ga, spar_comm *comm, const spar_softmax_problem *
     ga->displs = malloc(sizeof(int64_t) * (size_t)ga->size);
     bool ok = ga->counts && ga->displs;
     for (int i = 0; i < 2; i++) {
-        ok = ok && (ga->send[i] = malloc(local * sizeof(float))) && (ga->all[i] = malloc(all * sizeof(float)));
+        ok = ok && (ga->send[i] = malloc(local * sizeof(float))) &&
+             (ga->all[i] = malloc(all * sizeof(float)));
         if (backward)
             ok = ok && (ga->grad[i] = malloc(all * sizeof(float))) &&
                  (ga->mine[i] = malloc(local * sizeof(float)));
@@ -73,7 +78,8 @@ static int gather_init(gather *ga, spar_comm *comm, const spar_softmax_problem *
     if (backward)
         ok = ok && (ga->delta = malloc(sizeof(float) * (size_t)(c * prob->dims.heads) + 1));
     if (!ok) return SPAR_ENOMEM;
-    return spar__chunk_init(&ga->qc, prob->part, ga->rank, spar_partition_max_local_len(prob->part));
+    return spar__chunk_init(&ga->qc, prob->part, ga->rank,
+                            spar_partition_max_local_len(prob->part));
 }
 
 static void gather_free(gather *ga) {
@@ -91,7 +97,8 @@ static void pack_group(const gather *ga, int first, int gh, const float *x, cons
     int64_t c = ga->qc.len, g = ga->prob->dims.kv_heads, d = ga->prob->dims.head_dim;
     for (int64_t i = 0; i < c; i++) {
         memcpy(packed + i * gh * d, x + (i * g + first) * d, sizeof(float) * (size_t)(gh * d));
-        memcpy(packed + (c + i) * gh * d, y + (i * g + first) * d, sizeof(float) * (size_t)(gh * d));
+        memcpy(packed + (c + i) * gh * d, y + (i * g + first) * d,
+               sizeof(float) * (size_t)(gh * d));
     }
 }
 
@@ -100,7 +107,8 @@ static void unpack_group(const gather *ga, int first, int gh, const float *packe
     int64_t c = ga->qc.len, g = ga->prob->dims.kv_heads, d = ga->prob->dims.head_dim;
     for (int64_t i = 0; i < c; i++) {
         memcpy(x + (i * g + first) * d, packed + i * gh * d, sizeof(float) * (size_t)(gh * d));
-        memcpy(y + (i * g + first) * d, packed + (c + i) * gh * d, sizeof(float) * (size_t)(gh * d));
+        memcpy(y + (i * g + first) * d, packed + (c + i) * gh * d,
+               sizeof(float) * (size_t)(gh * d));
     }
 }
 
@@ -132,10 +140,16 @@ static int compute_group(gather *ga, spar__pass *pass, int gi) {
     float *all = ga->all[gi & 1], *grad = pass->backward ? ga->grad[gi & 1] : NULL;
     if (grad) memset(grad, 0, sizeof(float) * (size_t)(2 * prob->part->n * gh * d));
     for (int s = 0; s < ga->size; s++) {
-        SPAR_TRY(spar__chunk_init(&ga->held, prob->part, s, spar_partition_max_local_len(prob->part)));
+        SPAR_TRY(
+            spar__chunk_init(&ga->held, prob->part, s, spar_partition_max_local_len(prob->part)));
         int64_t n = ga->held.len * gh * d, at = ga->displs[s];
-        spar_kvblock kv = {ga->held.len,  NULL, (int64_t)gh * d, all + at, all + at + n,
-                           grad ? grad + at : NULL, grad ? grad + at + n : NULL};
+        spar_kvblock kv = {ga->held.len,
+                           NULL,
+                           (int64_t)gh * d,
+                           all + at,
+                           all + at + n,
+                           grad ? grad + at : NULL,
+                           grad ? grad + at + n : NULL};
         SPAR_TRY(spar__pass_chunk(pass, &ga->held, &kv));
     }
     return SPAR_OK;
@@ -149,8 +163,8 @@ static int wait_timed(spar_comm *comm, spar_comm_op **op, spar_metrics *m) {
 }
 
 /* Backward, after group gi computed: finish group gi-1's sums, then send group gi's. */
-static int reduce_group(gather *ga, int gi, spar_comm_op **reduce_op, int *prev_first,
-                        int *prev_gh, spar_metrics *m) {
+static int reduce_group(gather *ga, int gi, spar_comm_op **reduce_op, int *prev_first, int *prev_gh,
+                        spar_metrics *m) {
     SPAR_TRY(wait_timed(ga->comm, reduce_op, m));
     if (gi > 0)
         unpack_group(ga, *prev_first, *prev_gh, ga->mine[(gi - 1) & 1], ga->io->dk, ga->io->dv);
@@ -183,7 +197,8 @@ static int run_groups(gather *ga, spar__pass *pass, spar_metrics *m) {
     }
     if (pass->backward) {
         SPAR_TRY(wait_timed(ga->comm, &reduce_op, m));
-        unpack_group(ga, prev_first, prev_gh, ga->mine[(ga->ngroups - 1) & 1], ga->io->dk, ga->io->dv);
+        unpack_group(ga, prev_first, prev_gh, ga->mine[(ga->ngroups - 1) & 1], ga->io->dk,
+                     ga->io->dv);
     }
     return SPAR_OK;
 }
@@ -208,11 +223,7 @@ static int allgather_pass(spar_comm *comm, const spar_softmax_problem *prob, con
         rc = run_groups(&ga, &pass, &m);
     }
     if (rc == 0) {
-        m.seconds = spar__now() - t_start;
-        m.compute_seconds = pass.compute_seconds;
-        m.flops = spar_attn_flops(prob, ga.rank, backward);
-        m.bytes_sent = spar_comm_bytes_sent(comm) - bytes0;
-        m.steps = ga.ngroups;
+        spar__metrics_finish(&m, &pass, comm, ga.rank, t_start, bytes0, ga.ngroups);
         gather_free(&ga); /* on failure a transfer may be in flight: buffers left alone */
     }
     if (metrics) *metrics = m;

@@ -59,6 +59,15 @@ void spar__pass_init(spar__pass *pass, const spar_softmax_problem *prob, const s
                             .dq = io->dq};
 }
 
+void spar__metrics_finish(spar_metrics *m, const spar__pass *pass, spar_comm *comm, int rank,
+                          double t_start, uint64_t bytes0, int steps) {
+    m->seconds = spar__now() - t_start;
+    m->compute_seconds = pass->compute_seconds;
+    m->flops = spar_attn_flops(pass->prob, rank, pass->backward);
+    m->bytes_sent = comm ? spar_comm_bytes_sent(comm) - bytes0 : 0;
+    m->steps = steps;
+}
+
 static const float *at(const float *base, int64_t i, int64_t stride) {
     return base ? base + i * stride : NULL;
 }

@@ -40,9 +40,9 @@ typedef struct spar__pass {
     const spar_softmax_problem *prob;
     spar_attn_dims dims; /* the heads of this pass (a subset for head-group pipelines) */
     bool backward;
-    spar_qblock q;             /* the whole local query chunk */
-    const spar__chunk *qc;     /* its positions and groups */
-    spar_comm *comm;           /* for progress on pending operations; may be NULL */
+    spar_qblock q;                             /* the whole local query chunk */
+    const spar__chunk *qc;                     /* its positions and groups */
+    spar_comm *comm;                           /* for progress on pending operations; may be NULL */
     spar_comm_op **pending[SPAR__MAX_PENDING]; /* operations to test between kernel calls */
     double compute_seconds;
 } spar__pass;
@@ -58,6 +58,11 @@ int spar__pass_chunk(spar__pass *pass, const spar__chunk *kc, const spar_kvblock
 
 /* Wall-clock seconds (monotonic). */
 double spar__now(void);
+
+/* A finished pass's figures: time since t_start, kernel time, flops of `rank`'s queries,
+ * bytes sent since the comm counter read bytes0 (comm may be NULL: none). */
+void spar__metrics_finish(spar_metrics *m, const spar__pass *pass, spar_comm *comm, int rank,
+                          double t_start, uint64_t bytes0, int steps);
 
 /* The passes of each method (ring_attn.c, allgather_attn.c, local_attn.c). */
 int spar__ring_forward(spar_comm *comm, const spar_softmax_problem *prob, const spar_attn_io *io,

@@ -43,15 +43,12 @@ static int local_pass(const spar_softmax_problem *prob, const spar_attn_io *io,
         rc = spar__pass_chunk(&pass, &c, &kv);
         if (prob->progress)
             prob->progress(prob->progress_ctx,
-                           backward ? "local backward, queries" : "local forward, queries",
-                           i + len, n);
+                           backward ? "local backward, queries" : "local forward, queries", i + len,
+                           n);
     }
     if (metrics) {
         *metrics = (spar_metrics){0};
-        metrics->compute_seconds = pass.compute_seconds;
-        metrics->flops = spar_attn_flops(prob, 0, backward);
-        metrics->steps = 1;
-        metrics->seconds = spar__now() - t_start;
+        spar__metrics_finish(metrics, &pass, NULL, 0, t_start, 0, 1);
     }
     free(delta);
     spar__chunk_free(&c);

@@ -25,8 +25,8 @@ typedef struct ring {
 } ring;
 
 static int ring_init(ring *rg, spar_comm *comm, const spar_softmax_problem *prob) {
-    *rg = (ring){.comm = comm, .prob = prob, .rank = spar_comm_rank(comm),
-                 .size = spar_comm_size(comm)};
+    *rg = (ring){
+        .comm = comm, .prob = prob, .rank = spar_comm_rank(comm), .size = spar_comm_size(comm)};
     if (prob->part->ranks != rg->size)
         return spar_errorf(SPAR_EINVAL, "partition is for %d ranks but the job has %d",
                            prob->part->ranks, rg->size);
@@ -67,15 +67,6 @@ static void pack_local(const ring *rg, const spar_attn_io *io, float *dst) {
     memcpy(dst + n, io->v, n * sizeof(float));
 }
 
-static void finish_metrics(ring *rg, spar_metrics *m, double t_start, uint64_t bytes0,
-                           const spar__pass *pass, bool backward) {
-    m->seconds = spar__now() - t_start;
-    m->compute_seconds = pass->compute_seconds;
-    m->flops = spar_attn_flops(rg->prob, rg->rank, backward);
-    m->bytes_sent = spar_comm_bytes_sent(rg->comm) - bytes0;
-    m->steps = rg->size;
-}
-
 int spar__ring_forward(spar_comm *comm, const spar_softmax_problem *prob, const spar_attn_io *io,
                        spar_metrics *metrics) {
     double t_start = spar__now();
@@ -99,7 +90,8 @@ int spar__ring_forward(spar_comm *comm, const spar_softmax_problem *prob, const 
             (rc = start_next_kv(&rg, step, bufs[cur], bufs[cur ^ 1], &op)) != 0)
             break;
         size_t n = (size_t)rg.held.len * rg.row;
-        spar_kvblock kv = {rg.held.len, NULL, (int64_t)rg.row, bufs[cur], bufs[cur] + n, NULL, NULL};
+        spar_kvblock kv = {rg.held.len, NULL, (int64_t)rg.row, bufs[cur], bufs[cur] + n,
+                           NULL,        NULL};
         rc = spar__pass_chunk(&pass, &rg.held, &kv);
         double t0 = spar__now();
         int wrc = spar_comm_op_wait(comm, &op);
@@ -108,7 +100,7 @@ int spar__ring_forward(spar_comm *comm, const spar_softmax_problem *prob, const 
         if (rc == 0 && prob->progress && rg.rank == 0)
             prob->progress(prob->progress_ctx, "ring forward step", step + 1, rg.size);
     }
-    if (rc == 0) finish_metrics(&rg, &m, t_start, bytes0, &pass, false);
+    if (rc == 0) spar__metrics_finish(&m, &pass, comm, rg.rank, t_start, bytes0, rg.size);
 done:
     /* On failure an operation may still be in flight: it is left alone (its buffers too),
      * since waiting on a failed peer would hang and the caller ends the job. */
@@ -127,12 +119,12 @@ typedef struct grad_bufs {
 } grad_bufs;
 
 static int grad_bufs_alloc(const ring *rg, grad_bufs *b) {
-    *b = (grad_bufs){{alloc_blocks(rg), alloc_blocks(rg)}, {alloc_blocks(rg), alloc_blocks(rg)},
+    *b = (grad_bufs){{alloc_blocks(rg), alloc_blocks(rg)},
+                     {alloc_blocks(rg), alloc_blocks(rg)},
                      alloc_blocks(rg),
                      malloc(sizeof(float) * (size_t)(rg->qc.len * rg->prob->dims.heads) + 1)};
-    return b->kv[0] && b->kv[1] && b->part[0] && b->part[1] && b->acc_in && b->delta
-               ? SPAR_OK
-               : SPAR_ENOMEM;
+    return b->kv[0] && b->kv[1] && b->part[0] && b->part[1] && b->acc_in && b->delta ? SPAR_OK
+                                                                                     : SPAR_ENOMEM;
 }
 
 static void grad_bufs_free(grad_bufs *b) {
@@ -162,7 +154,7 @@ static int ring_backward_steps(ring *rg, const spar_attn_io *io, grad_bufs *b, s
         SPAR_TRY(start_next_kv(rg, step, b->kv[cur], b->kv[cur ^ 1], kv_op));
         size_t n = (size_t)rg->held.len * rg->row;
         memset(b->part[cur], 0, 2 * n * sizeof(float));
-        spar_kvblock kv = {rg->held.len, NULL,          (int64_t)rg->row, b->kv[cur],
+        spar_kvblock kv = {rg->held.len,   NULL,         (int64_t)rg->row, b->kv[cur],
                            b->kv[cur] + n, b->part[cur], b->part[cur] + n};
         SPAR_TRY(spar__pass_chunk(pass, &rg->held, &kv));
         SPAR_TRY(forward_gradients(rg, step, b->part[cur], b, grad_op, &m->wait_seconds));
@@ -203,7 +195,7 @@ int spar__ring_backward(spar_comm *comm, const spar_softmax_problem *prob, const
         pass.pending[1] = &grad_op;
         rc = ring_backward_steps(&rg, io, &b, &pass, &kv_op, &grad_op, &m);
     }
-    if (rc == 0) finish_metrics(&rg, &m, t_start, bytes0, &pass, true);
+    if (rc == 0) spar__metrics_finish(&m, &pass, comm, rg.rank, t_start, bytes0, rg.size);
     if (rc == 0 || (!kv_op && !grad_op)) /* else in flight: left alone, as in forward */
         grad_bufs_free(&b);
     ring_free(&rg);

@@ -55,7 +55,7 @@ enum spar_key_type { SPAR_KT_BOOL, SPAR_KT_INT, SPAR_KT_FLOAT, SPAR_KT_ENUM, SPA
     X(DATA_V, "data.v", STRING, "", "path of a .npy file, float32 [N,G,d]", 0, 0,                  \
       "values; random from data.seed when empty")                                                  \
     X(DATA_DO, "data.do", STRING, "", "path of a .npy file, float32 [N,H,d]", 0, 0,                \
-      "output gradient for run.backward; random from data.seed when empty")                       \
+      "output gradient for run.backward; random from data.seed when empty")                        \
     X(DATA_SEED, "data.seed", INT, "1", "integer >= 0", 0, 9007199254740992.0,                     \
       "seed of the random inputs (the same data whatever the partition)")                          \
     X(OUT_O, "output.o", STRING, "", "path of a .npy file to write", 0, 0,                         \
@@ -63,15 +63,15 @@ enum spar_key_type { SPAR_KT_BOOL, SPAR_KT_INT, SPAR_KT_FLOAT, SPAR_KT_ENUM, SPA
     X(OUT_LSE, "output.lse", STRING, "", "path of a .npy file to write", 0, 0,                     \
       "log-sum-exp [N,H] in global token order; empty = not written")                              \
     X(OUT_DQ, "output.dq", STRING, "", "path of a .npy file to write", 0, 0,                       \
-      "query gradient [N,H,d] (needs run.backward=true); empty = not written")                   \
+      "query gradient [N,H,d] (needs run.backward=true); empty = not written")                     \
     X(OUT_DK, "output.dk", STRING, "", "path of a .npy file to write", 0, 0,                       \
-      "key gradient [N,G,d] (needs run.backward=true); empty = not written")                     \
+      "key gradient [N,G,d] (needs run.backward=true); empty = not written")                       \
     X(OUT_DV, "output.dv", STRING, "", "path of a .npy file to write", 0, 0,                       \
-      "value gradient [N,G,d] (needs run.backward=true); empty = not written")                   \
+      "value gradient [N,G,d] (needs run.backward=true); empty = not written")                     \
     X(OUT_RESULTS, "output.results", STRING, "", "path of a JSON-lines file", 0, 0,                \
       "one record per run is appended here; empty = none")                                         \
     X(RUN_NAME, "run.name", STRING, "", "any text", 0, 0, "a label carried into the record")       \
-    X(RUN_BACKWARD, "run.backward", BOOL, "false", "true|false", 0, 0,                            \
+    X(RUN_BACKWARD, "run.backward", BOOL, "false", "true|false", 0, 0,                             \
       "run the backward pass after the forward pass")                                              \
     X(RUN_VERIFY, "run.verify", BOOL, "false", "true|false", 0, 0,                                 \
       "recompute on rank 0 with the local method and report the error")                            \

@@ -88,7 +88,8 @@ static void print_pass_row(const spar_run_result *res, const char *name,
 void spar__print_result_table(const spar_run_result *res) {
     char err_fwd[32] = "-", err_bwd[32] = "-";
     if (res->verified) {
-        snprintf(err_fwd, sizeof err_fwd, "%.2e", fmax(res->err[SPAR_ERR_O], res->err[SPAR_ERR_LSE]));
+        snprintf(err_fwd, sizeof err_fwd, "%.2e",
+                 fmax(res->err[SPAR_ERR_O], res->err[SPAR_ERR_LSE]));
         snprintf(err_bwd, sizeof err_bwd, "%.2e",
                  fmax(res->err[SPAR_ERR_DQ], fmax(res->err[SPAR_ERR_DK], res->err[SPAR_ERR_DV])));
     }

@@ -26,14 +26,10 @@ static const struct tensor_spec {
     uint64_t stream; /* random inputs: the generator's stream */
     bool backward_only;
 } specs[T_COUNT] = {
-    {"q", SPAR_KEY_DATA_Q, -1, ROW_Q, 1, false},
-    {"k", SPAR_KEY_DATA_K, -1, ROW_KV, 2, false},
-    {"v", SPAR_KEY_DATA_V, -1, ROW_KV, 3, false},
-    {"do", SPAR_KEY_DATA_DO, -1, ROW_Q, 4, true},
-    {"o", -1, SPAR_KEY_OUT_O, ROW_Q, 0, false},
-    {"lse", -1, SPAR_KEY_OUT_LSE, ROW_LSE, 0, false},
-    {"dq", -1, SPAR_KEY_OUT_DQ, ROW_Q, 0, true},
-    {"dk", -1, SPAR_KEY_OUT_DK, ROW_KV, 0, true},
+    {"q", SPAR_KEY_DATA_Q, -1, ROW_Q, 1, false},  {"k", SPAR_KEY_DATA_K, -1, ROW_KV, 2, false},
+    {"v", SPAR_KEY_DATA_V, -1, ROW_KV, 3, false}, {"do", SPAR_KEY_DATA_DO, -1, ROW_Q, 4, true},
+    {"o", -1, SPAR_KEY_OUT_O, ROW_Q, 0, false},   {"lse", -1, SPAR_KEY_OUT_LSE, ROW_LSE, 0, false},
+    {"dq", -1, SPAR_KEY_OUT_DQ, ROW_Q, 0, true},  {"dk", -1, SPAR_KEY_OUT_DK, ROW_KV, 0, true},
     {"dv", -1, SPAR_KEY_OUT_DV, ROW_KV, 0, true},
 };
 
@@ -112,8 +108,8 @@ static int load_inputs(spar_comm *comm, const spar_config *cfg, const spar_parti
 
 static void show_progress(void *ctx, const char *phase, int64_t done, int64_t total) {
     double t0 = *(const double *)ctx;
-    printf("# progress: %s %lld/%lld (%.0f%%), %.2f s\n", phase, (long long)done,
-           (long long)total, 100.0 * (double)done / (double)total, spar_comm_wtime() - t0);
+    printf("# progress: %s %lld/%lld (%.0f%%), %.2f s\n", phase, (long long)done, (long long)total,
+           100.0 * (double)done / (double)total, spar_comm_wtime() - t0);
     fflush(stdout);
 }
 
@@ -154,9 +150,8 @@ static int verify(spar_comm *comm, const spar_config *cfg, const spar_softmax_pr
     if (rc == 0) rc = m->forward(NULL, &local, &io, NULL);
     if (rc == 0 && mine->backward) rc = m->backward(NULL, &local, &io, NULL);
     for (int i = T_O; i < T_COUNT && rc == 0; i++) {
-        res->err[i - T_O] = in_use(mine, i)
-                                ? rel_l2(got.t[i], ref.t[i], n * mine->row[specs[i].rows])
-                                : NAN;
+        res->err[i - T_O] =
+            in_use(mine, i) ? rel_l2(got.t[i], ref.t[i], n * mine->row[specs[i].rows]) : NAN;
     }
     res->verified = rc == 0;
     tensors_free(&ref);
@@ -254,8 +249,9 @@ static int report(spar_comm *comm, const spar_config *cfg, const spar_run_result
         spar__print_result_table(res);
         double tol = cfg->v[SPAR_KEY_RUN_VERIFY_TOL].f, err = spar__max_error(res);
         if (res->verified && !(err <= tol))
-            verdict = spar_errorf(SPAR_EVERIFY, "verification FAILED: relative L2 error %.3e "
-                                                "exceeds run.verify_tol=%.3g",
+            verdict = spar_errorf(SPAR_EVERIFY,
+                                  "verification FAILED: relative L2 error %.3e "
+                                  "exceeds run.verify_tol=%.3g",
                                   err, tol);
         else if (res->verified)
             printf("# verify: passed (largest relative L2 error %.3e; tolerance %.3g)\n", err, tol);
@@ -283,9 +279,9 @@ int spar__run_plan(spar_comm *comm, const spar_config *cfg) {
     bool whole = method->whole_sequence, backward = cfg->v[SPAR_KEY_RUN_BACKWARD].b;
     int64_t n = cfg->v[SPAR_KEY_SEQ_LENGTH].i;
     spar_partition part;
-    spar_partition_init(&part, whole ? SPAR_PARTITION_CONTIGUOUS
-                                     : partition_kind(cfg->v[SPAR_KEY_SEQ_PARTITION].s),
-                        n, whole ? 1 : p);
+    spar_partition_init(
+        &part, whole ? SPAR_PARTITION_CONTIGUOUS : partition_kind(cfg->v[SPAR_KEY_SEQ_PARTITION].s),
+        n, whole ? 1 : p);
     spar_softmax_problem prob;
     problem_from_config(cfg, &part, &prob);
     double t0 = spar_comm_wtime();
@@ -303,8 +299,8 @@ int spar__run_plan(spar_comm *comm, const spar_config *cfg) {
     t.backward = backward;
     spar_metrics m[2];
     memset(m, 0, sizeof m);
-    spar_run_result res = {.cfg = cfg, .transport = spar_comm_transport(comm),
-                           .library = spar_comm_library(comm)};
+    spar_run_result res = {
+        .cfg = cfg, .transport = spar_comm_transport(comm), .library = spar_comm_library(comm)};
     for (int pass = 0; pass < (backward ? 2 : 1); pass++) {
         if ((rc = run_pass(comm, method, &prob, &t, pass == 1, &m[pass])) != 0) {
             spar_log_error("%s %s pass failed (%s); stopping every rank", method->name,

@@ -50,8 +50,7 @@ static int rotate_and_check(spar_comm *comm) {
     }
     if (spar_comm_bytes_sent(comm) != expected_bytes) {
         fprintf(stderr, "rank %d: counted %llu ring bytes, sent %llu\n", r,
-                (unsigned long long)spar_comm_bytes_sent(comm),
-                (unsigned long long)expected_bytes);
+                (unsigned long long)spar_comm_bytes_sent(comm), (unsigned long long)expected_bytes);
         wrong++;
     }
     free(buf[0]);

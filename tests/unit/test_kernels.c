@@ -5,7 +5,8 @@
  * The reference is written the naive way on purpose: the full score row in double, its
  * maximum, the sum of exponentials, then the weighted sum of values. It shares no code
  * with the online softmax it checks. Shapes are chosen to be awkward: head_dim 1 and odd
- * sizes, GQA (H=6, G=2), MQA (H=4, G=1), nq != nk, and sorted but irregular positions.
+ * sizes, GQA (H=6, G=2), MQA (H=4, G=1), nq != nk, and sorted but irregular positions (the
+ * cases, inputs and checks are kernel_cases.h's, shared with test_kernels_bwd.c).
  * Strided views (some heads of a wider tensor) must compute bit for bit what a dense call on
  * copies of those heads computes, and touch nothing else.
  */
@@ -20,111 +21,17 @@
 
 #include <cmocka.h>
 
-#include "kernels.h" // defines: spar_kernels_select, spar_qblock, spar_kvblock, spar_vec_add,
-                     //          spar_softmax_init_partial, spar_softmax_merge,
-                     //          spar_softmax_bwd_delta
-
-/* --- inputs ----------------------------------------------------------------------------- */
-
-static uint64_t rng_state;
-
-static uint64_t xorshift64(void) {
-    rng_state ^= rng_state << 13;
-    rng_state ^= rng_state >> 7;
-    rng_state ^= rng_state << 17;
-    return rng_state;
-}
-
-static double uniform01(void) {
-    return (double)(xorshift64() >> 11) * 0x1.0p-53;
-}
-
-/* Irwin-Hall sum of four uniforms, centred: bell-shaped, within [-2, 2]. */
-static float randn_like(void) {
-    return (float)(uniform01() + uniform01() + uniform01() + uniform01() - 2.0);
-}
-
-static float *random_floats(int64_t count) {
-    float *x = malloc(sizeof *x * (size_t)count);
-    assert_non_null(x);
-    for (int64_t i = 0; i < count; i++)
-        x[i] = randn_like();
-    return x;
-}
-
-enum pos_kind { POS_NONE, POS_SAME, POS_STRIPE, POS_RANDOM, POS_QUERIES_LATE };
-
-typedef struct attn_case {
-    int heads, kv_heads, head_dim;
-    int64_t nq, nk;
-    bool causal;
-    enum pos_kind pos;
-} attn_case;
-
-static const attn_case cases[] = {
-    {1, 1, 1, 7, 7, true, POS_SAME},           /* head_dim 1 */
-    {6, 2, 24, 5, 9, false, POS_NONE},         /* GQA, nq != nk, no positions */
-    {6, 2, 24, 12, 12, true, POS_SAME},        /* GQA causal */
-    {4, 1, 40, 11, 13, true, POS_STRIPE},      /* MQA, stripe: query 0 sees no key */
-    {3, 3, 80, 8, 8, true, POS_SAME},          /* H = G */
-    {2, 2, 33, 9, 17, true, POS_RANDOM},       /* odd head_dim, irregular positions */
-    {6, 2, 33, 14, 6, true, POS_RANDOM},       /* GQA, nq > nk, irregular positions */
-    {4, 1, 1, 3, 1, false, POS_NONE},          /* MQA, a single key */
-    {4, 4, 80, 5, 16, false, POS_STRIPE},      /* positions given but not causal */
-    {6, 3, 40, 6, 10, true, POS_QUERIES_LATE}, /* causal but every key visible */
-};
-#define CASE_COUNT (sizeof cases / sizeof cases[0])
-
-typedef struct attn_data {
-    spar_attn_dims dims;
-    float *q, *k, *v;
-    int64_t *q_pos, *k_pos; /* NULL for POS_NONE */
-} attn_data;
-
-/* Sorted positions with random gaps of 1..4. */
-static void random_positions(int64_t n, int64_t *pos) {
-    int64_t t = (int64_t)(xorshift64() % 3);
-    for (int64_t i = 0; i < n; i++) {
-        pos[i] = t;
-        t += 1 + (int64_t)(xorshift64() % 4);
-    }
-}
-
-static attn_data make_data(const attn_case *c, uint64_t seed) {
-    rng_state = seed * 0x9E3779B97F4A7C15ull + 1;
-    attn_data a = {{c->heads, c->kv_heads, c->head_dim, (float)(1.0 / sqrt(c->head_dim))},
-                   NULL,
-                   NULL,
-                   NULL,
-                   NULL,
-                   NULL};
-    a.q = random_floats(c->nq * c->heads * c->head_dim);
-    a.k = random_floats(c->nk * c->kv_heads * c->head_dim);
-    a.v = random_floats(c->nk * c->kv_heads * c->head_dim);
-    if (c->pos == POS_NONE) return a;
-    a.q_pos = malloc(sizeof *a.q_pos * (size_t)c->nq);
-    a.k_pos = malloc(sizeof *a.k_pos * (size_t)c->nk);
-    assert_true(a.q_pos && a.k_pos);
-    for (int64_t i = 0; i < c->nq; i++)
-        a.q_pos[i] = c->pos == POS_STRIPE ? 3 * i + 1 : c->pos == POS_QUERIES_LATE ? 100 + i : i;
-    for (int64_t j = 0; j < c->nk; j++)
-        a.k_pos[j] = c->pos == POS_STRIPE ? 3 * j + 2 : j;
-    if (c->pos == POS_RANDOM) {
-        random_positions(c->nq, a.q_pos);
-        random_positions(c->nk, a.k_pos);
-    }
-    return a;
-}
-
-static void free_data(attn_data *a) {
-    free(a->q), free(a->k), free(a->v), free(a->q_pos), free(a->k_pos);
-}
+#include "kernels.h"      // defines: spar_kernels_select, spar_qblock, spar_kvblock, spar_vec_add,
+                          //          spar_softmax_init_partial, spar_softmax_merge,
+                          //          spar_softmax_bwd_delta
+#include "kernel_cases.h" // defines: kc_case, kc_cases, kc_inputs, kc_make_inputs,
+                          //          kc_check_close, kc_gather_heads, kc_seed, ...
 
 /* --- the float64 reference ---------------------------------------------------------------- */
 
 /* o: [nq, H, d] double; lse: [nq, H] double (-inf and o = 0 for a row that sees no key).
  * Keys [k0, k1) of the data are used. */
-static void reference(const attn_case *c, const attn_data *a, int64_t k0, int64_t k1, double *o,
+static void reference(const kc_case *c, const kc_inputs *a, int64_t k0, int64_t k1, double *o,
                       double *lse) {
     int hh = c->heads, g = c->kv_heads, d = c->head_dim;
     double *score = malloc(sizeof *score * (size_t)(c->nk > 0 ? c->nk : 1));
@@ -165,76 +72,13 @@ static void reference(const attn_case *c, const attn_data *a, int64_t k0, int64_
     free(score);
 }
 
-static const struct attn_case *current_case; /* named when a check fails */
-
-static void print_case(const attn_case *c) {
-    if (c)
-        fprintf(stderr, "case H=%d G=%d d=%d nq=%lld nk=%lld causal=%d pos=%d\n", c->heads,
-                c->kv_heads, c->head_dim, (long long)c->nq, (long long)c->nk, c->causal, c->pos);
-}
-
-/* Asserts that got matches ref over n values: relative L2 error <= tol and every element
- * within |got - ref| <= tol + 10 tol |ref|. Entries where ref is -inf (a row that saw no
- * key) must be -inf in got too and are left out of the norm. Prints the worst element.
- * Returns the relative L2 error, for the worst-case summary a test prints. */
-static double check_close(const char *what, int64_t n, const float *got, const double *ref,
-                          double tol) {
-    double num = 0.0, den = 0.0, worst = -1.0;
-    int64_t worst_i = -1, bad = 0;
-    for (int64_t i = 0; i < n; i++) {
-        if (isinf(ref[i]) && ref[i] < 0) {
-            if (!(isinf(got[i]) && got[i] < 0)) {
-                print_case(current_case);
-                fprintf(stderr, "%s[%lld] = %g but the reference is -inf\n", what, (long long)i,
-                        (double)got[i]);
-                fail();
-            }
-            continue;
-        }
-        double diff = fabs((double)got[i] - ref[i]);
-        if (!(diff <= worst)) /* also catches NaN */
-            worst = diff, worst_i = i;
-        bad += !(diff <= tol + 10.0 * tol * fabs(ref[i]));
-        num += diff * diff;
-        den += ref[i] * ref[i];
-    }
-    double err = den > 0.0 ? sqrt(num / den) : sqrt(num);
-    if (!(err <= tol) || bad > 0) {
-        print_case(current_case);
-        fprintf(stderr,
-                "%s: rel L2 %.3g (tol %.1g), %lld elements off, worst [%lld] got %.9g "
-                "ref %.9g\n",
-                what, err, tol, (long long)bad, (long long)worst_i, (double)got[worst_i],
-                ref[worst_i]);
-    }
-    assert_true(err <= tol);
-    assert_int_equal(bad, 0);
-    return err;
-}
-
-/* Same as check_close but against a float result (one path against another). */
-static double check_close_f(const char *what, int64_t n, const float *got, const float *ref,
-                            double tol) {
-    double *r = malloc(sizeof *r * (size_t)n);
-    assert_non_null(r);
-    for (int64_t i = 0; i < n; i++)
-        r[i] = (double)ref[i];
-    double err = check_close(what, n, got, r, tol);
-    free(r);
-    return err;
-}
-
-static double max_d(double a, double b) {
-    return a > b ? a : b;
-}
-
 /* --- helpers over the kernel ----------------------------------------------------------- */
 
 typedef struct partial {
     float *o, *lse;
 } partial;
 
-static partial new_partial(const attn_case *c) {
+static partial new_partial(const kc_case *c) {
     partial p = {malloc(sizeof(float) * (size_t)(c->nq * c->heads * c->head_dim)),
                  malloc(sizeof(float) * (size_t)(c->nq * c->heads))};
     assert_true(p.o && p.lse);
@@ -247,7 +91,7 @@ static void free_partial(partial *p) {
 }
 
 /* Runs keys [k0, k1) into partial p, all tensors dense. */
-static void run_block(const spar_kernels *kern, const attn_case *c, const attn_data *a, int64_t k0,
+static void run_block(const spar_kernels *kern, const kc_case *c, const kc_inputs *a, int64_t k0,
                       int64_t k1, partial *p) {
     int hh = c->heads, g = c->kv_heads, d = c->head_dim;
     spar_qblock qb = {.n = c->nq,
@@ -296,19 +140,19 @@ static void check_backend_matches_reference(const char *backend) {
     const spar_kernels *kern = spar_kernels_select(backend);
     assert_non_null(kern);
     double worst_o = 0.0, worst_lse = 0.0;
-    for (size_t ci = 0; ci < CASE_COUNT; ci++) {
-        const attn_case *c = &cases[ci];
-        attn_data a = make_data(c, ci + 1);
+    for (size_t ci = 0; ci < kc_case_count; ci++) {
+        const kc_case *c = &kc_cases[ci];
+        kc_inputs a = kc_make_inputs(c, ci + 1, false);
         int64_t no = c->nq * c->heads * c->head_dim, nl = c->nq * c->heads;
         double *ro = malloc(sizeof *ro * (size_t)no), *rl = malloc(sizeof *rl * (size_t)nl);
         assert_true(ro && rl);
         reference(c, &a, 0, c->nk, ro, rl);
         partial p = new_partial(c);
         run_block(kern, c, &a, 0, c->nk, &p);
-        current_case = c;
-        worst_o = max_d(worst_o, check_close("o", no, p.o, ro, 1e-5));
-        worst_lse = max_d(worst_lse, check_close("lse", nl, p.lse, rl, 1e-5));
-        free_partial(&p), free(ro), free(rl), free_data(&a);
+        kc_current_case = c;
+        worst_o = kc_max(worst_o, kc_check_close("o", no, p.o, ro, 1e-5));
+        worst_lse = kc_max(worst_lse, kc_check_close("lse", nl, p.lse, rl, 1e-5));
+        free_partial(&p), free(ro), free(rl), kc_free_inputs(&a);
     }
     printf("# %s forward vs float64: worst rel L2 o %.2e lse %.2e (tol 1e-5)\n", backend, worst_o,
            worst_lse);
@@ -328,16 +172,15 @@ static void auto_kernel_matches_float64_reference(void **state) {
 static void check_merge_of_blocks(int parts) {
     const spar_kernels *kern = spar_kernels_select("scalar");
     double worst_split = 0.0, worst_ref = 0.0;
-    for (size_t ci = 0; ci < CASE_COUNT; ci++) {
-        const attn_case *c = &cases[ci];
+    for (size_t ci = 0; ci < kc_case_count; ci++) {
+        const kc_case *c = &kc_cases[ci];
         if (c->nk < parts) continue;
-        attn_data a = make_data(c, 100 + ci);
+        kc_inputs a = kc_make_inputs(c, 100 + ci, false);
         int64_t no = c->nq * c->heads * c->head_dim, nl = c->nq * c->heads;
         partial whole = new_partial(c), merged = new_partial(c);
         run_block(kern, c, &a, 0, c->nk, &whole);
-        int64_t cut[4] = {0, c->nk / 3 + 1, 2 * c->nk / 3 + 1, c->nk};
-        if (parts == 2)
-            cut[1] = c->nk / 2 + 1 > c->nk - 1 ? c->nk - 1 : c->nk / 2 + 1, cut[2] = c->nk;
+        int64_t cut[4];
+        kc_split_keys(c->nk, parts, cut);
         for (int b = 0; b < parts; b++) {
             partial block = new_partial(c);
             run_block(kern, c, &a, cut[b], cut[b + 1], &block);
@@ -348,15 +191,16 @@ static void check_merge_of_blocks(int parts) {
         double *ro = malloc(sizeof *ro * (size_t)no), *rl = malloc(sizeof *rl * (size_t)nl);
         assert_true(ro && rl);
         reference(c, &a, 0, c->nk, ro, rl);
-        current_case = c;
-        worst_split =
-            max_d(worst_split, check_close_f("o merged vs one block", no, merged.o, whole.o, 1e-6));
-        worst_split = max_d(
-            worst_split, check_close_f("lse merged vs one block", nl, merged.lse, whole.lse, 1e-6));
-        worst_ref = max_d(worst_ref, check_close("o merged vs reference", no, merged.o, ro, 1e-5));
+        kc_current_case = c;
+        worst_split = kc_max(
+            worst_split, kc_check_close_f("o merged vs one block", no, merged.o, whole.o, 1e-6));
+        worst_split = kc_max(worst_split, kc_check_close_f("lse merged vs one block", nl,
+                                                           merged.lse, whole.lse, 1e-6));
         worst_ref =
-            max_d(worst_ref, check_close("lse merged vs reference", nl, merged.lse, rl, 1e-5));
-        free(ro), free(rl), free_partial(&whole), free_partial(&merged), free_data(&a);
+            kc_max(worst_ref, kc_check_close("o merged vs reference", no, merged.o, ro, 1e-5));
+        worst_ref =
+            kc_max(worst_ref, kc_check_close("lse merged vs reference", nl, merged.lse, rl, 1e-5));
+        free(ro), free(rl), free_partial(&whole), free_partial(&merged), kc_free_inputs(&a);
     }
     printf("# %d merged blocks: worst rel L2 vs one block %.2e (tol 1e-6), vs float64 %.2e "
            "(tol 1e-5)\n",
@@ -375,8 +219,8 @@ static void merging_three_key_blocks_equals_one_block(void **state) {
 
 static void merging_an_empty_partial_is_the_identity(void **state) {
     (void)state;
-    const attn_case *c = &cases[2];
-    attn_data a = make_data(c, 7);
+    const kc_case *c = &kc_cases[2];
+    kc_inputs a = kc_make_inputs(c, 7, false);
     size_t so = sizeof(float) * (size_t)(c->nq * c->heads * c->head_dim);
     size_t sl = sizeof(float) * (size_t)(c->nq * c->heads);
     partial full = new_partial(c), empty = new_partial(c), keep = new_partial(c);
@@ -395,15 +239,15 @@ static void merging_an_empty_partial_is_the_identity(void **state) {
     spar_softmax_merge(c->nq, c->heads, c->head_dim, empty.o, empty.lse, full.o, full.lse);
     assert_memory_equal(empty.o, keep.o, so);
     assert_memory_equal(empty.lse, keep.lse, sl);
-    free_partial(&full), free_partial(&empty), free_partial(&keep), free_data(&a);
+    free_partial(&full), free_partial(&empty), free_partial(&keep), kc_free_inputs(&a);
 }
 
 /* Queries at positions 10..19 first meet keys 0..9, then keys 15..24: queries 10..14
  * see none of the second block and must keep their partial bit for bit. */
 static void query_that_sees_no_key_of_a_block_is_left_unchanged(void **state) {
     (void)state;
-    attn_case c = {6, 2, 24, 10, 20, true, POS_SAME};
-    attn_data a = make_data(&c, 11);
+    kc_case c = {6, 2, 24, 10, 20, true, KC_POS_SAME};
+    kc_inputs a = kc_make_inputs(&c, 11, false);
     for (int64_t i = 0; i < c.nq; i++)
         a.q_pos[i] = 10 + i;
     for (int64_t j = 0; j < c.nk; j++)
@@ -430,9 +274,9 @@ static void query_that_sees_no_key_of_a_block_is_left_unchanged(void **state) {
     double *ro = malloc(sizeof *ro * (size_t)no), *rl = malloc(sizeof *rl * (size_t)nl);
     assert_true(ro && rl);
     reference(&c, &a, 0, c.nk, ro, rl);
-    current_case = &c;
-    check_close("o", no, p.o, ro, 1e-5);
-    check_close("lse", nl, p.lse, rl, 1e-5);
+    kc_current_case = &c;
+    kc_check_close("o", no, p.o, ro, 1e-5);
+    kc_check_close("lse", nl, p.lse, rl, 1e-5);
 
     /* a block wholly in every query's future changes nothing at all */
     memcpy(keep.o, p.o, row_o * (size_t)c.nq), memcpy(keep.lse, p.lse, row_l * (size_t)c.nq);
@@ -441,24 +285,10 @@ static void query_that_sees_no_key_of_a_block_is_left_unchanged(void **state) {
     run_block(kern, &c, &a, 0, c.nk, &p);
     assert_memory_equal(p.o, keep.o, row_o * (size_t)c.nq);
     assert_memory_equal(p.lse, keep.lse, row_l * (size_t)c.nq);
-    free(ro), free(rl), free_partial(&p), free_partial(&keep), free_data(&a);
+    free(ro), free(rl), free_partial(&p), free_partial(&keep), kc_free_inputs(&a);
 }
 
 /* --- strided views ------------------------------------------------------------------------- */
-
-/* dst: [n, count, w] <- heads [h0, h0 + count) of src: [n, wide, w] (w = head_dim, 1 for lse). */
-static void gather_heads(int64_t n, int wide, int h0, int count, int w, const float *src,
-                         float *dst) {
-    for (int64_t i = 0; i < n; i++)
-        memcpy(dst + i * count * w, src + (i * wide + h0) * w, sizeof(float) * (size_t)(count * w));
-}
-
-/* Heads [h0, h0 + count) of dst: [n, wide, w] <- src: [n, count, w]. */
-static void scatter_heads(int64_t n, int wide, int h0, int count, int w, const float *src,
-                          float *dst) {
-    for (int64_t i = 0; i < n; i++)
-        memcpy(dst + (i * wide + h0) * w, src + i * count * w, sizeof(float) * (size_t)(count * w));
-}
 
 /* Heads outside [h0, h0 + count) of x: [n, wide, w] set to NaN: a kernel that reads them
  * spreads NaN into what it writes. */
@@ -476,21 +306,22 @@ static void
 forward_on_a_head_subset_view_equals_a_dense_copy_and_touches_no_other_head(void **state) {
     (void)state;
     enum { WH = 8, WG = 4, H0 = 2, G0 = 1, D = 33, NQ = 7, NK = 9, KCUT = 4 };
-    attn_case c = {4, 2, D, NQ, NK, true, POS_RANDOM}; /* the dense problem */
-    attn_data a = make_data(&c, 21);                   /* a.q, a.k, a.v: the dense copies */
+    kc_case c = {4, 2, D, NQ, NK, true, KC_POS_RANDOM}; /* the dense problem */
+    kc_inputs a = kc_make_inputs(&c, 21, false);        /* a.q, a.k, a.v: the dense copies */
     const spar_kernels *kern = spar_kernels_select("scalar");
-    float *wq = random_floats(NQ * WH * D), *wk = random_floats(NK * WG * D);
-    float *wv = random_floats(NK * WG * D), *wo = random_floats(NQ * WH * D);
-    float *wl = random_floats(NQ * WH), *want_o = malloc(sizeof(float) * NQ * WH * D);
+    float *wq = kc_random_floats(NQ * WH * D), *wk = kc_random_floats(NK * WG * D);
+    float *wv = kc_random_floats(NK * WG * D), *wo = kc_random_floats(NQ * WH * D);
+    float *wl = kc_random_floats(NQ * WH), *want_o = malloc(sizeof(float) * NQ * WH * D);
     float *want_l = malloc(sizeof(float) * NQ * WH), *got = malloc(sizeof(float) * NQ * WH * D);
     assert_true(want_o && want_l && got);
     poison_other_heads(NQ, WH, H0, 4, D, wq);
     poison_other_heads(NK, WG, G0, 2, D, wk), poison_other_heads(NK, WG, G0, 2, D, wv);
-    scatter_heads(NQ, WH, H0, 4, D, a.q, wq);
-    scatter_heads(NK, WG, G0, 2, D, a.k, wk), scatter_heads(NK, WG, G0, 2, D, a.v, wv);
+    kc_scatter_heads(NQ, WH, H0, 4, D, a.q, wq);
+    kc_scatter_heads(NK, WG, G0, 2, D, a.k, wk), kc_scatter_heads(NK, WG, G0, 2, D, a.v, wv);
 
     partial dense = new_partial(&c); /* the view's heads start as "no keys seen" too */
-    scatter_heads(NQ, WH, H0, 4, D, dense.o, wo), scatter_heads(NQ, WH, H0, 4, 1, dense.lse, wl);
+    kc_scatter_heads(NQ, WH, H0, 4, D, dense.o, wo),
+        kc_scatter_heads(NQ, WH, H0, 4, 1, dense.lse, wl);
     memcpy(want_o, wo, sizeof(float) * NQ * WH * D), memcpy(want_l, wl, sizeof(float) * NQ * WH);
     run_block(kern, &c, &a, 0, KCUT, &dense), run_block(kern, &c, &a, KCUT, NK, &dense);
     for (int b = 0; b < 2; b++) {
@@ -510,21 +341,21 @@ forward_on_a_head_subset_view_equals_a_dense_copy_and_touches_no_other_head(void
         assert_int_equal(kern->softmax_fwd_block(&a.dims, true, &qb, &kb), 0);
     }
     /* the view's heads: bit for bit the dense call's, which is the attention itself */
-    gather_heads(NQ, WH, H0, 4, D, wo, got);
+    kc_gather_heads(NQ, WH, H0, 4, D, wo, got);
     assert_memory_equal(got, dense.o, sizeof(float) * NQ * 4 * D);
-    gather_heads(NQ, WH, H0, 4, 1, wl, got);
+    kc_gather_heads(NQ, WH, H0, 4, 1, wl, got);
     assert_memory_equal(got, dense.lse, sizeof(float) * NQ * 4);
     double ro[NQ * 4 * D], rl[NQ * 4];
     reference(&c, &a, 0, NK, ro, rl);
-    current_case = &c;
-    check_close("o (dense copy)", NQ * 4 * D, dense.o, ro, 1e-5);
+    kc_current_case = &c;
+    kc_check_close("o (dense copy)", NQ * 4 * D, dense.o, ro, 1e-5);
     /* every other head: not one byte changed */
-    scatter_heads(NQ, WH, H0, 4, D, dense.o, want_o),
-        scatter_heads(NQ, WH, H0, 4, 1, dense.lse, want_l);
+    kc_scatter_heads(NQ, WH, H0, 4, D, dense.o, want_o),
+        kc_scatter_heads(NQ, WH, H0, 4, 1, dense.lse, want_l);
     assert_memory_equal(wo, want_o, sizeof(float) * NQ * WH * D);
     assert_memory_equal(wl, want_l, sizeof(float) * NQ * WH);
     free(wq), free(wk), free(wv), free(wo), free(wl), free(want_o), free(want_l), free(got);
-    free_partial(&dense), free_data(&a);
+    free_partial(&dense), kc_free_inputs(&a);
 }
 
 /* --- spar_vec_add ------------------------------------------------------------------------- */
@@ -545,9 +376,9 @@ static void vec_add_adds_each_pair_exactly_in_fp32_and_nothing_past_n(void **sta
     assert_memory_equal(y, want, sizeof y);
     assert_true(y[0] == -1.5f && y[4] == -1.0f);
 
-    rng_state = 99; /* random values: the result is the fp32 sum, rounding included */
+    kc_seed(99); /* random values: the result is the fp32 sum, rounding included */
     for (int i = 0; i < N; i++)
-        y[i] = randn_like() * 1e3f, x[i] = randn_like() * 1e-3f, want[i] = y[i] + x[i];
+        y[i] = kc_randn() * 1e3f, x[i] = kc_randn() * 1e-3f, want[i] = y[i] + x[i];
     spar_vec_add(N, y, x);
     assert_memory_equal(y, want, sizeof y);
 
@@ -559,8 +390,8 @@ static void vec_add_adds_each_pair_exactly_in_fp32_and_nothing_past_n(void **sta
 static void bwd_delta_is_the_rowwise_dot_of_dout_and_o(void **state) {
     (void)state;
     enum { N = 5, H = 3, D = 33 };
-    rng_state = 5;
-    float *o = random_floats(N * H * D), *dout = random_floats(N * H * D), delta[N * H];
+    kc_seed(5);
+    float *o = kc_random_floats(N * H * D), *dout = kc_random_floats(N * H * D), delta[N * H];
     double want[N * H];
     for (int r = 0; r < N * H; r++) {
         want[r] = 0.0;
@@ -568,7 +399,7 @@ static void bwd_delta_is_the_rowwise_dot_of_dout_and_o(void **state) {
             want[r] += (double)o[r * D + x] * (double)dout[r * D + x];
     }
     spar_softmax_bwd_delta(N, H, D, o, dout, delta);
-    check_close("delta", N * H, delta, want, 1e-7);
+    kc_check_close("delta", N * H, delta, want, 1e-7);
     free(o), free(dout);
 }
 
