@@ -254,44 +254,50 @@ static void op_free(spar_comm_op *op) {
     free(op);
 }
 
-static int post_ring(spar_comm *comm, spar_comm_op *op, int tag, const void *send,
-                     size_t send_bytes, void *recv, size_t recv_bytes) {
-    int right = (comm->rank + 1) % comm->size, left = (comm->rank + comm->size - 1) % comm->size;
-    if (comm->rank == comm->fault_ring_rank)
-        right = comm->size; /* an invalid peer: MPI itself reports the failure */
-    for (size_t off = 0; off < recv_bytes; off += PIECE_BYTES) {
+static int post_pair(spar_comm *comm, spar_comm_op *op, int tag, const void *send,
+                     size_t send_bytes, int dest, void *recv, size_t recv_bytes, int src) {
+    if (dest >= 0 && comm->rank == comm->fault_ring_rank)
+        dest = comm->size; /* an invalid peer: MPI itself reports the failure */
+    for (size_t off = 0; src >= 0 && off < recv_bytes; off += PIECE_BYTES) {
         size_t n = recv_bytes - off < PIECE_BYTES ? recv_bytes - off : PIECE_BYTES;
-        SPAR_MPI_CHECK(MPI_Irecv((char *)recv + off, (int)n, MPI_BYTE, left, tag, comm->world,
+        SPAR_MPI_CHECK(MPI_Irecv((char *)recv + off, (int)n, MPI_BYTE, src, tag, comm->world,
                                  &op->reqs[op->nreqs++]));
     }
-    for (size_t off = 0; off < send_bytes; off += PIECE_BYTES) {
+    for (size_t off = 0; dest >= 0 && off < send_bytes; off += PIECE_BYTES) {
         size_t n = send_bytes - off < PIECE_BYTES ? send_bytes - off : PIECE_BYTES;
-        SPAR_MPI_CHECK(MPI_Isend((const char *)send + off, (int)n, MPI_BYTE, right, tag,
+        SPAR_MPI_CHECK(MPI_Isend((const char *)send + off, (int)n, MPI_BYTE, dest, tag,
                                  comm->world, &op->reqs[op->nreqs++]));
     }
     return SPAR_OK;
 }
 
-int spar_comm_ring_start(spar_comm *comm, int channel, const void *send, size_t send_bytes,
-                         void *recv, size_t recv_bytes, spar_comm_op **op) {
+int spar_comm_sendrecv_start(spar_comm *comm, int channel, const void *send, size_t send_bytes,
+                             int dest, void *recv, size_t recv_bytes, int src,
+                             spar_comm_op **op) {
     *op = NULL;
     if (channel < 0 || channel >= RING_CHANNELS)
-        return spar_errorf(SPAR_EINVAL, "ring channel %d outside 0..%d", channel,
-                           RING_CHANNELS - 1);
+        return spar_errorf(SPAR_EINVAL, "channel %d outside 0..%d", channel, RING_CHANNELS - 1);
     size_t pieces = (send_bytes + PIECE_BYTES - 1) / PIECE_BYTES;
     size_t rpieces = (recv_bytes + PIECE_BYTES - 1) / PIECE_BYTES;
     if (pieces + rpieces > MAX_OP_REQS)
-        return spar_errorf(SPAR_EUNSUP, "ring block of %zu bytes exceeds %d GiB", send_bytes,
+        return spar_errorf(SPAR_EUNSUP, "message of %zu bytes exceeds %d GiB", send_bytes,
                            MAX_OP_REQS / 2);
     SPAR_TRY(op_new(op));
-    int rc = post_ring(comm, *op, RING_TAG + channel, send, send_bytes, recv, recv_bytes);
+    int rc = post_pair(comm, *op, RING_TAG + channel, send, send_bytes, dest, recv, recv_bytes, src);
     if (rc != 0) {
         op_free(*op);
         *op = NULL;
         return rc;
     }
-    comm->bytes_sent += send_bytes;
+    if (dest >= 0) comm->bytes_sent += send_bytes;
     return SPAR_OK;
+}
+
+int spar_comm_ring_start(spar_comm *comm, int channel, const void *send, size_t send_bytes,
+                         void *recv, size_t recv_bytes, spar_comm_op **op) {
+    int right = (comm->rank + 1) % comm->size, left = (comm->rank + comm->size - 1) % comm->size;
+    return spar_comm_sendrecv_start(comm, channel, send, send_bytes, right, recv, recv_bytes, left,
+                                    op);
 }
 
 /* Per-rank counts and their prefix sums as the int arrays MPI takes. */

@@ -16,7 +16,7 @@
 
 typedef struct gather {
     spar_comm *comm;
-    const spar_softmax_problem *prob;
+    const spar_attn_problem *prob;
     const spar_attn_io *io;
     int rank, size, ngroups, max_gh;
     int64_t *counts; /* [size] floats of rank s's [K|V] (or [dK|dV]) for the current group */
@@ -48,7 +48,7 @@ static void set_counts(gather *ga, int gi) {
     }
 }
 
-static int gather_init(gather *ga, spar_comm *comm, const spar_softmax_problem *prob,
+static int gather_init(gather *ga, spar_comm *comm, const spar_attn_problem *prob,
                        const spar_attn_io *io, bool backward) {
     *ga = (gather){.comm = comm,
                    .prob = prob,
@@ -123,7 +123,7 @@ static int start_gather(gather *ga, int gi, spar_comm_op **op) {
 /* The local queries of group gi's heads against every rank's gathered keys; backward
  * also accumulates [dK|dV] partials into ga->grad. */
 static int compute_group(gather *ga, spar__pass *pass, int gi) {
-    const spar_softmax_problem *prob = ga->prob;
+    const spar_attn_problem *prob = ga->prob;
     int first, gh, per = prob->dims.heads / prob->dims.kv_heads, d = prob->dims.head_dim;
     group_heads(ga, gi, &first, &gh);
     set_counts(ga, gi);
@@ -203,7 +203,7 @@ static int run_groups(gather *ga, spar__pass *pass, spar_metrics *m) {
     return SPAR_OK;
 }
 
-static int allgather_pass(spar_comm *comm, const spar_softmax_problem *prob, const spar_attn_io *io,
+static int allgather_pass(spar_comm *comm, const spar_attn_problem *prob, const spar_attn_io *io,
                           spar_metrics *metrics, bool backward) {
     double t_start = spar__now();
     uint64_t bytes0 = spar_comm_bytes_sent(comm);
@@ -230,12 +230,12 @@ static int allgather_pass(spar_comm *comm, const spar_softmax_problem *prob, con
     return rc;
 }
 
-int spar__allgather_forward(spar_comm *comm, const spar_softmax_problem *prob,
+int spar__allgather_forward(spar_comm *comm, const spar_attn_problem *prob,
                             const spar_attn_io *io, spar_metrics *m) {
     return allgather_pass(comm, prob, io, m, false);
 }
 
-int spar__allgather_backward(spar_comm *comm, const spar_softmax_problem *prob,
+int spar__allgather_backward(spar_comm *comm, const spar_attn_problem *prob,
                              const spar_attn_io *io, spar_metrics *m) {
     return allgather_pass(comm, prob, io, m, true);
 }

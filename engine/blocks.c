@@ -36,14 +36,19 @@ void spar__chunk_free(spar__chunk *c) {
 }
 
 /* Backward: scores again, dP, dV, dQ and dK, 2 d each. */
-double spar_attn_flops(const spar_softmax_problem *prob, int rank, bool backward) {
+double spar_attn_flops(const spar_attn_problem *prob, int rank, bool backward) {
     const spar_partition *part = prob->part;
+    if (prob->type == SPAR_ATTN_LINEAR) {
+        double d = prob->dims.head_dim, per_token = 2.0 * 64 * d + 4.0 * d * d;
+        return (double)spar_partition_local_len(part, rank) * prob->dims.heads * per_token *
+               (backward ? 2.0 : 1.0);
+    }
     double pairs = prob->causal ? (double)spar_partition_causal_pairs(part, rank)
                                 : (double)spar_partition_local_len(part, rank) * (double)part->n;
     return pairs * prob->dims.heads * (backward ? 10.0 : 4.0) * prob->dims.head_dim;
 }
 
-void spar__pass_init(spar__pass *pass, const spar_softmax_problem *prob, const spar_attn_io *io,
+void spar__pass_init(spar__pass *pass, const spar_attn_problem *prob, const spar_attn_io *io,
                      const spar__chunk *qc, bool backward, const float *delta) {
     int h = prob->dims.heads, d = prob->dims.head_dim;
     *pass = (spar__pass){.prob = prob, .dims = prob->dims, .backward = backward, .qc = qc};
@@ -114,7 +119,7 @@ static int make_progress(spar__pass *pass) {
 
 static int run_group_pair(spar__pass *pass, const spar__group *qg, const spar__chunk *kc,
                           const spar__group *kg, const spar_kvblock *kv) {
-    const spar_softmax_problem *prob = pass->prob;
+    const spar_attn_problem *prob = pass->prob;
     bool masked = prob->causal;
     if (prob->causal) {
         if (kg->pos_min > qg->pos_max) return SPAR_OK;  /* every key is in every query's future */

@@ -37,7 +37,7 @@ void spar__chunk_free(spar__chunk *c);
 
 /* One pass (forward or backward) of the local queries against blocks of keys. */
 typedef struct spar__pass {
-    const spar_softmax_problem *prob;
+    const spar_attn_problem *prob;
     spar_attn_dims dims; /* the heads of this pass (a subset for head-group pipelines) */
     bool backward;
     spar_qblock q;                             /* the whole local query chunk */
@@ -49,7 +49,7 @@ typedef struct spar__pass {
 
 /* A pass over the local chunk qc with the dense tensors of io (all heads); delta may be
  * NULL forward. */
-void spar__pass_init(spar__pass *pass, const spar_softmax_problem *prob, const spar_attn_io *io,
+void spar__pass_init(spar__pass *pass, const spar_attn_problem *prob, const spar_attn_io *io,
                      const spar__chunk *qc, bool backward, const float *delta);
 
 /* Every (query group, key group) pair of the local chunk against chunk kc, whose
@@ -65,17 +65,27 @@ void spar__metrics_finish(spar_metrics *m, const spar__pass *pass, spar_comm *co
                           double t_start, uint64_t bytes0, int steps);
 
 /* The passes of each method (ring_attn.c, allgather_attn.c, local_attn.c). */
-int spar__ring_forward(spar_comm *comm, const spar_softmax_problem *prob, const spar_attn_io *io,
+int spar__ring_forward(spar_comm *comm, const spar_attn_problem *prob, const spar_attn_io *io,
                        spar_metrics *m);
-int spar__ring_backward(spar_comm *comm, const spar_softmax_problem *prob, const spar_attn_io *io,
+int spar__ring_backward(spar_comm *comm, const spar_attn_problem *prob, const spar_attn_io *io,
                         spar_metrics *m);
-int spar__allgather_forward(spar_comm *comm, const spar_softmax_problem *prob,
+int spar__allgather_forward(spar_comm *comm, const spar_attn_problem *prob,
                             const spar_attn_io *io, spar_metrics *m);
-int spar__allgather_backward(spar_comm *comm, const spar_softmax_problem *prob,
+int spar__allgather_backward(spar_comm *comm, const spar_attn_problem *prob,
                              const spar_attn_io *io, spar_metrics *m);
-int spar__local_forward(spar_comm *comm, const spar_softmax_problem *prob, const spar_attn_io *io,
+int spar__lasp2_forward(spar_comm *comm, const spar_attn_problem *prob, const spar_attn_io *io,
                         spar_metrics *m);
-int spar__local_backward(spar_comm *comm, const spar_softmax_problem *prob, const spar_attn_io *io,
+int spar__lasp2_backward(spar_comm *comm, const spar_attn_problem *prob, const spar_attn_io *io,
+                         spar_metrics *m);
+int spar__lasp1_forward(spar_comm *comm, const spar_attn_problem *prob, const spar_attn_io *io,
+                        spar_metrics *m);
+int spar__lasp1_backward(spar_comm *comm, const spar_attn_problem *prob, const spar_attn_io *io,
+                         spar_metrics *m);
+/* The whole sequence on one rank, linear attention (linear_attn.c). */
+int spar__linear_local(const spar_attn_problem *prob, const spar_attn_io *io, bool backward);
+int spar__local_forward(spar_comm *comm, const spar_attn_problem *prob, const spar_attn_io *io,
+                        spar_metrics *m);
+int spar__local_backward(spar_comm *comm, const spar_attn_problem *prob, const spar_attn_io *io,
                          spar_metrics *m);
 
 #endif

@@ -8,11 +8,21 @@
 
 #include "engine_internal.h"
 
-static int local_pass(const spar_softmax_problem *prob, const spar_attn_io *io,
+static int local_pass(const spar_attn_problem *prob, const spar_attn_io *io,
                       spar_metrics *metrics, bool backward) {
     double t_start = spar__now();
     if (prob->part->ranks != 1)
         return spar_errorf(SPAR_EINVAL, "the local method needs a one-rank partition");
+    if (prob->type == SPAR_ATTN_LINEAR) {
+        int rc = spar__linear_local(prob, io, backward);
+        if (metrics) {
+            spar__pass pass = {.prob = prob, .backward = backward};
+            *metrics = (spar_metrics){0};
+            spar__metrics_finish(metrics, &pass, NULL, 0, t_start, 0, 1);
+            metrics->compute_seconds = metrics->seconds;
+        }
+        return rc;
+    }
     int h = prob->dims.heads, g = prob->dims.kv_heads, d = prob->dims.head_dim;
     spar__chunk c = {0};
     SPAR_TRY(spar__chunk_init(&c, prob->part, 0, prob->part->n));
@@ -55,13 +65,13 @@ static int local_pass(const spar_softmax_problem *prob, const spar_attn_io *io,
     return rc;
 }
 
-int spar__local_forward(spar_comm *comm, const spar_softmax_problem *prob, const spar_attn_io *io,
+int spar__local_forward(spar_comm *comm, const spar_attn_problem *prob, const spar_attn_io *io,
                         spar_metrics *m) {
     (void)comm; /* one rank alone */
     return local_pass(prob, io, m, false);
 }
 
-int spar__local_backward(spar_comm *comm, const spar_softmax_problem *prob, const spar_attn_io *io,
+int spar__local_backward(spar_comm *comm, const spar_attn_problem *prob, const spar_attn_io *io,
                          spar_metrics *m) {
     (void)comm;
     return local_pass(prob, io, m, true);

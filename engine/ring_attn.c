@@ -17,14 +17,14 @@ enum { CHANNEL_KV = 0, CHANNEL_GRAD = 1 };
 
 typedef struct ring {
     spar_comm *comm;
-    const spar_softmax_problem *prob;
+    const spar_attn_problem *prob;
     int rank, size;
     int64_t max_len;
     size_t row; /* floats per token of one of K, V, dK, dV: G d */
     spar__chunk qc, held;
 } ring;
 
-static int ring_init(ring *rg, spar_comm *comm, const spar_softmax_problem *prob) {
+static int ring_init(ring *rg, spar_comm *comm, const spar_attn_problem *prob) {
     *rg = (ring){
         .comm = comm, .prob = prob, .rank = spar_comm_rank(comm), .size = spar_comm_size(comm)};
     if (prob->part->ranks != rg->size)
@@ -67,7 +67,7 @@ static void pack_local(const ring *rg, const spar_attn_io *io, float *dst) {
     memcpy(dst + n, io->v, n * sizeof(float));
 }
 
-int spar__ring_forward(spar_comm *comm, const spar_softmax_problem *prob, const spar_attn_io *io,
+int spar__ring_forward(spar_comm *comm, const spar_attn_problem *prob, const spar_attn_io *io,
                        spar_metrics *metrics) {
     double t_start = spar__now();
     uint64_t bytes0 = spar_comm_bytes_sent(comm);
@@ -148,7 +148,7 @@ static int forward_gradients(ring *rg, int step, float *part, grad_bufs *b, spar
 
 static int ring_backward_steps(ring *rg, const spar_attn_io *io, grad_bufs *b, spar__pass *pass,
                                spar_comm_op **kv_op, spar_comm_op **grad_op, spar_metrics *m) {
-    const spar_softmax_problem *prob = rg->prob;
+    const spar_attn_problem *prob = rg->prob;
     for (int step = 0, cur = 0; step < rg->size; step++, cur ^= 1) {
         SPAR_TRY(spar__chunk_init(&rg->held, prob->part, source(rg, step), rg->max_len));
         SPAR_TRY(start_next_kv(rg, step, b->kv[cur], b->kv[cur ^ 1], kv_op));
@@ -173,7 +173,7 @@ static int ring_backward_steps(ring *rg, const spar_attn_io *io, grad_bufs *b, s
     return SPAR_OK;
 }
 
-int spar__ring_backward(spar_comm *comm, const spar_softmax_problem *prob, const spar_attn_io *io,
+int spar__ring_backward(spar_comm *comm, const spar_attn_problem *prob, const spar_attn_io *io,
                         spar_metrics *metrics) {
     double t_start = spar__now();
     uint64_t bytes0 = spar_comm_bytes_sent(comm);

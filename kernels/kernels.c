@@ -1,11 +1,28 @@
 /* kernels.c: the table of kernel backends and the start-up choice among them. */
 #include <string.h>
 
-#include "kernels.h"
+#include "cpu/cpu_kernels.h"
 
-/* Best first: "auto" takes the first entry this host can run. Faster CPU and CUDA
- * backends join this list ahead of the scalar oracle. */
+const spar_kernels spar__kernels_scalar = {
+    .name = "scalar",
+    .softmax_fwd_block = spar__softmax_fwd_block_scalar,
+    .softmax_bwd_block = spar__softmax_bwd_block_scalar,
+    .linear_fwd_local = spar__linear_fwd_local_scalar,
+    .linear_bwd_local = spar__linear_bwd_local_scalar,
+};
+
+/* Softmax shares the scalar kernels until SIMD ones arrive; linear attention is blocked. */
+const spar_kernels spar__kernels_blocked = {
+    .name = "blocked",
+    .softmax_fwd_block = spar__softmax_fwd_block_scalar,
+    .softmax_bwd_block = spar__softmax_bwd_block_scalar,
+    .linear_fwd_local = spar__linear_fwd_local_blocked,
+    .linear_bwd_local = spar__linear_bwd_local_blocked,
+};
+
+/* Best first: "auto" takes the first entry this host can run. */
 static const spar_kernels *const backends[] = {
+    &spar__kernels_blocked,
     &spar__kernels_scalar,
 };
 
@@ -18,5 +35,5 @@ const spar_kernels *spar_kernels_select(const char *name) {
 }
 
 const char *spar_kernels_names(void) {
-    return "auto|scalar";
+    return "auto|blocked|scalar";
 }

@@ -14,7 +14,9 @@
  * Defines: spar_attn_dims, spar_qblock, spar_kvblock, spar_kernels, spar_kernels_select,
  *          spar_softmax_init_partial, spar_softmax_merge, spar_softmax_bwd_delta,
  *          spar_vec_add.
- * Leaves out: MPI (never here), linear attention (a later issue).
+ *          Linear attention: spar_linear_dims, the segment functions spar_linear_*,
+ *          spar_alibi_decay.
+ * Leaves out: MPI (never here).
  */
 #ifndef SPAR_KERNELS_H
 #define SPAR_KERNELS_H
@@ -56,6 +58,19 @@ typedef struct spar_kvblock {
     float *dk, *dv;
 } spar_kvblock;
 
+/* Linear attention (DESIGN.md 3.4-3.5): O = (Q K^T (.) D) V with D_ij = decay^(i-j) for
+ * j <= i (causal), O = Q (K^T V) otherwise; no softmax, no scale. The functions work on
+ * one contiguous segment of n tokens (local index i = 0..n-1), dense layout:
+ *   q, o, dout, dq: [n, H, d]   k, v, dk, dv: [n, G, d]
+ *   states m, s, ds, dkv: [state_heads, d, d], row a = key dimension, column b = value.
+ * State head s serves query heads s (state_heads == H) or the group s (state_heads == G,
+ * possible when every head decays alike); it reads kv head s / (H/G) or s. */
+typedef struct spar_linear_dims {
+    int heads, kv_heads, head_dim;
+    int state_heads;
+    const double *decay; /* [heads] lambda_h in (0, 1] */
+} spar_linear_dims;
+
 typedef struct spar_kernels {
     const char *name;
     /* Softmax attention of the queries against the keys, merged exactly into the running
@@ -70,7 +85,47 @@ typedef struct spar_kernels {
      * accumulated into dq, dk, dv (GQA: a kv head sums over its query group). */
     int (*softmax_bwd_block)(const spar_attn_dims *dims, bool causal, const spar_qblock *q,
                              const spar_kvblock *kv);
+    /* Causal output from inside the segment only (the state entering it counts as zero):
+     * o_i = sum_{j <= i} lambda^(i-j) (q_i . k_j) v_j. o is overwritten. */
+    int (*linear_fwd_local)(const spar_linear_dims *dims, int64_t n, const float *q,
+                            const float *k, const float *v, float *o);
+    /* The gradients of linear_fwd_local for output gradient dout; dq, dk, dv overwritten. */
+    int (*linear_bwd_local)(const spar_linear_dims *dims, int64_t n, const float *q,
+                            const float *k, const float *v, const float *dout, float *dq,
+                            float *dk, float *dv);
 } spar_kernels;
+
+/* The segment's memory state m[s] = sum_j c_j k_j^T v_j, with c_j = lambda_s^(n-1-j)
+ * (causal) or 1. m: [state_heads, d, d], overwritten. */
+void spar_linear_state(const spar_linear_dims *dims, bool causal, int64_t n, const float *k,
+                       const float *v, float *m);
+
+/* The state entering the segment, s: o_i += c_i q_i s, c_i = lambda^(i+1) (causal) or 1. */
+void spar_linear_fwd_state(const spar_linear_dims *dims, bool causal, int64_t n, const float *q,
+                           const float *s, float *o);
+
+/* The gradient of the entering state: ds[s] = sum over the state's query heads of
+ * sum_i c_i q_i^T dout_i, c_i = lambda^(i+1) (causal) or 1. ds overwritten. */
+void spar_linear_dstate(const spar_linear_dims *dims, bool causal, int64_t n, const float *q,
+                        const float *dout, float *ds);
+
+/* Gradients through the states: with s the state that entered the segment and dkv the
+ * gradient of the segment's own memory state m (from later segments),
+ *   dq_i += c_i dout_i s^T,  dk_j += e_j dkv v_j,  dv_j += e_j dkv^T k_j,
+ * c_i = lambda^(i+1), e_j = lambda^(n-1-j) (causal) or 1. s or dkv may be NULL (zero). */
+void spar_linear_bwd_state(const spar_linear_dims *dims, bool causal, int64_t n, const float *k,
+                           const float *v, const float *dout, const float *s, const float *dkv,
+                           float *dq, float *dk, float *dv);
+
+/* out[s] = sum_i lambda_s^(exps[i]) states[i][s] over the i with exps[i] >= 0 (a decayed
+ * prefix of segment states). states: [count, state_heads, d, d]; out overwritten. */
+void spar_linear_combine(const spar_linear_dims *dims, int count, const float *states,
+                         const double *exps, float *out);
+
+/* ALiBi decays lambda_h = exp(-slope_h): slope_h = 2^(-8(h+1)/H) for H a power of two;
+ * otherwise the slopes of the nearest lower power of two, then every other slope of the
+ * next power of two. decay: [heads]. */
+void spar_alibi_decay(int heads, double *decay);
 
 /* The backend named `name` ("scalar", or "auto" for the best this host runs), or NULL
  * for an unknown name. */
@@ -98,7 +153,9 @@ void spar_vec_add(int64_t n, float *y, const float *x);
 void spar_softmax_merge(int64_t n, int heads, int head_dim, float *o_a, float *lse_a,
                         const float *o_b, const float *lse_b);
 
-/* The scalar backend (also reachable through spar_kernels_select("scalar")). */
+/* The scalar backend (the oracle) and the blocked one (Lightning-style linear attention:
+ * intra-block by masked Q K^T V, inter-block through a running state). */
 extern const spar_kernels spar__kernels_scalar;
+extern const spar_kernels spar__kernels_blocked;
 
 #endif

@@ -130,6 +130,14 @@ static int enum_allows(const char *allowed, const char *t) {
     return 0;
 }
 
+/* A float key may accept one word, written first in its allowed text: "WORD or ...". */
+static bool float_keyword(const spar_key *k, const char *text) {
+    const char *or = strstr(k->allowed, " or ");
+    size_t len = or ? (size_t)(or - k->allowed) : 0;
+    return len > 0 && strlen(text) == len && strncmp(k->allowed, text, len) == 0 &&
+           strspn(text, "abcdefghijklmnopqrstuvwxyz") == len;
+}
+
 /* Parse text into a typed value for key k; errors name the key, value and the rule. */
 static int parse_value(const spar_key *k, const char *text, spar_value *v, spar_err *err) {
     const char *bad = "";
@@ -149,7 +157,7 @@ static int parse_value(const spar_key *k, const char *text, spar_value *v, spar_
         }
         break;
     case SPAR_KT_FLOAT:
-        if (strcmp(k->def, "auto") == 0 && strcmp(text, "auto") == 0) {
+        if (float_keyword(k, text)) { /* "auto", "alibi": kept as text, NAN as number */
             v->f = NAN;
             break;
         }
@@ -232,8 +240,9 @@ void spar__value_format(const spar_config *cfg, int id, char *out, size_t len) {
     case SPAR_KT_BOOL: snprintf(out, len, "%s", v->b ? "true" : "false"); break;
     case SPAR_KT_INT: snprintf(out, len, "%lld", (long long)v->i); break;
     case SPAR_KT_FLOAT:
-        if (isnan(v->f))
-            snprintf(out, len, "auto");
+        if (isnan(v->f)) /* the key's word ("auto", "alibi") */
+            snprintf(out, len, "%.*s", (int)strcspn(spar__keys[id].allowed, " "),
+                     spar__keys[id].allowed);
         else
             snprintf(out, len, "%.17g", v->f);
         break;

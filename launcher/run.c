@@ -35,23 +35,31 @@ static const struct tensor_spec {
 
 typedef struct tensors {
     float *t[T_COUNT];
+    float *states;  /* linear attention: what forward leaves for backward */
     int64_t n;      /* tokens held */
     int64_t row[3]; /* floats per token, by row_kind */
-    bool backward;
+    bool backward, linear;
 } tensors;
 
 static void tensors_free(tensors *t) {
     for (int i = 0; i < T_COUNT; i++)
         free(t->t[i]);
+    free(t->states);
     memset(t, 0, sizeof *t);
 }
 
 static bool in_use(const tensors *t, int i) {
+    if (i == T_LSE && t->linear) return false; /* no softmax, no log-sum-exp */
     return t->backward || !specs[i].backward_only;
 }
 
-static int tensors_alloc(tensors *t, int64_t n, const spar_attn_dims *dims, bool backward) {
-    *t = (tensors){.n = n, .backward = backward};
+/* Tensors for n tokens of prob (its type decides lse and the linear states). */
+static int tensors_alloc(tensors *t, int64_t n, const spar_attn_problem *prob, bool backward) {
+    const spar_attn_dims *dims = &prob->dims;
+    *t = (tensors){.n = n, .backward = backward, .linear = prob->type == SPAR_ATTN_LINEAR};
+    if (t->linear &&
+        !(t->states = malloc(sizeof(float) * (size_t)spar_linear_states_floats(prob) + 1)))
+        return spar_errorf(SPAR_ENOMEM, "cannot allocate the linear attention states");
     t->row[ROW_Q] = (int64_t)dims->heads * dims->head_dim;
     t->row[ROW_KV] = (int64_t)dims->kv_heads * dims->head_dim;
     t->row[ROW_LSE] = dims->heads;
@@ -70,8 +78,8 @@ static int tensors_alloc(tensors *t, int64_t n, const spar_attn_dims *dims, bool
 }
 
 static spar_attn_io io_of(const tensors *t) {
-    return (spar_attn_io){t->t[T_Q],    t->t[T_K],  t->t[T_V],  t->t[T_O], t->t[T_LSE],
-                          t->t[T_DOUT], t->t[T_DQ], t->t[T_DK], t->t[T_DV]};
+    return (spar_attn_io){t->t[T_Q],  t->t[T_K],  t->t[T_V],  t->t[T_O], t->t[T_LSE], t->t[T_DOUT],
+                          t->t[T_DQ], t->t[T_DK], t->t[T_DV], t->states};
 }
 
 /* One input tensor: from its .npy file (rank 0 reads, data offset re-read here) or
@@ -125,12 +133,12 @@ static double rel_l2(const float *got, const float *ref, int64_t n) {
 
 /* Rank 0: gather every output, recompute the whole sequence with the local method and
  * compare. The other ranks only send their outputs. */
-static int verify(spar_comm *comm, const spar_config *cfg, const spar_softmax_problem *prob,
+static int verify(spar_comm *comm, const spar_config *cfg, const spar_attn_problem *prob,
                   const tensors *mine, spar_run_result *res) {
     int rank = spar_comm_rank(comm);
     int64_t n = prob->part->n;
     tensors ref = {0}, got = {0};
-    if (rank == 0) SPAR_TRY(tensors_alloc(&got, n, &prob->dims, mine->backward));
+    if (rank == 0) SPAR_TRY(tensors_alloc(&got, n, prob, mine->backward));
     for (int i = T_O; i < T_COUNT; i++)
         if (in_use(mine, i))
             SPAR_TRY(spar__rows_gather(comm, prob->part, mine->row[specs[i].rows], mine->t[i],
@@ -138,13 +146,13 @@ static int verify(spar_comm *comm, const spar_config *cfg, const spar_softmax_pr
     if (rank != 0) return SPAR_OK;
     spar_partition whole;
     spar_partition_init(&whole, SPAR_PARTITION_CONTIGUOUS, n, 1);
-    spar_softmax_problem local = *prob;
+    spar_attn_problem local = *prob;
     local.part = &whole;
     double t0 = spar_comm_wtime();
     local.progress_ctx = &t0;
     const spar_method *m = spar_method_find("local");
     spar_print0("# verify: recomputing the whole sequence on rank 0 (local method)\n");
-    int rc = tensors_alloc(&ref, n, &prob->dims, mine->backward);
+    int rc = tensors_alloc(&ref, n, &local, mine->backward);
     spar_attn_io io = io_of(&ref);
     if (rc == 0) rc = load_inputs(NULL, cfg, &whole, &ref);
     if (rc == 0) rc = m->forward(NULL, &local, &io, NULL);
@@ -210,7 +218,7 @@ static int collect_figures(spar_comm *comm, const spar_metrics m[2], bool backwa
 }
 
 /* One pass of the method: every rank for a distributed method, rank 0 for local. */
-static int run_pass(spar_comm *comm, const spar_method *method, const spar_softmax_problem *prob,
+static int run_pass(spar_comm *comm, const spar_method *method, const spar_attn_problem *prob,
                     const tensors *t, bool backward, spar_metrics *m) {
     SPAR_TRY(spar_comm_barrier(comm));
     *m = (spar_metrics){0};
@@ -219,11 +227,24 @@ static int run_pass(spar_comm *comm, const spar_method *method, const spar_softm
     return (backward ? method->backward : method->forward)(comm, prob, &io, m);
 }
 
+/* The decay of every head: one number for all, or the ALiBi rule. decay: [heads]. */
+static void decay_from_config(const spar_config *cfg, int heads, double *decay) {
+    double lambda = cfg->v[SPAR_KEY_ATTN_DECAY].f;
+    if (isnan(lambda)) /* alibi */
+        spar_alibi_decay(heads, decay);
+    else
+        for (int h = 0; h < heads; h++)
+            decay[h] = lambda;
+}
+
 static void problem_from_config(const spar_config *cfg, const spar_partition *part,
-                                spar_softmax_problem *prob) {
+                                const double *decay, spar_attn_problem *prob) {
     int d = (int)cfg->v[SPAR_KEY_ATTN_HEAD_DIM].i;
     double scale = cfg->v[SPAR_KEY_ATTN_SCALE].f;
-    *prob = (spar_softmax_problem){
+    bool linear = strcmp(cfg->v[SPAR_KEY_ATTN_TYPE].s, "linear") == 0;
+    *prob = (spar_attn_problem){
+        .type = linear ? SPAR_ATTN_LINEAR : SPAR_ATTN_SOFTMAX,
+        .decay = decay,
         .dims = {(int)cfg->v[SPAR_KEY_ATTN_HEADS].i, (int)cfg->v[SPAR_KEY_ATTN_KV_HEADS].i, d,
                  (float)(isnan(scale) ? 1.0 / sqrt((double)d) : scale)},
         .causal = cfg->v[SPAR_KEY_ATTN_CAUSAL].b,
@@ -282,21 +303,27 @@ int spar__run_plan(spar_comm *comm, const spar_config *cfg) {
     spar_partition_init(
         &part, whole ? SPAR_PARTITION_CONTIGUOUS : partition_kind(cfg->v[SPAR_KEY_SEQ_PARTITION].s),
         n, whole ? 1 : p);
-    spar_softmax_problem prob;
-    problem_from_config(cfg, &part, &prob);
+    spar_attn_problem prob;
+    int heads = (int)cfg->v[SPAR_KEY_ATTN_HEADS].i;
+    double *decay = malloc(sizeof(double) * (size_t)heads);
+    if (!decay) return SPAR_EXIT_FAILURE; /* every rank: the same small allocation */
+    decay_from_config(cfg, heads, decay);
+    problem_from_config(cfg, &part, decay, &prob);
     double t0 = spar_comm_wtime();
     prob.progress_ctx = &t0;
     spar__print_settings(cfg, p, spar_comm_transport(comm));
 
     tensors t = {0};
     int64_t n_local = whole ? (rank == 0 ? n : 0) : spar_partition_local_len(&part, rank);
-    int rc = n_local > 0 ? tensors_alloc(&t, n_local, &prob.dims, backward) : SPAR_OK;
+    int rc = n_local > 0 ? tensors_alloc(&t, n_local, &prob, backward) : SPAR_OK;
     if (rc == 0 && n_local > 0) rc = load_inputs(whole ? NULL : comm, cfg, &part, &t);
     if (spar_comm_agree(comm, rc, &worst) != 0 || worst != 0) {
         tensors_free(&t);
+        free(decay);
         return spar_status_is_input_error(worst) ? SPAR_EXIT_BAD_INPUT : SPAR_EXIT_FAILURE;
     }
     t.backward = backward;
+    t.linear = prob.type == SPAR_ATTN_LINEAR;
     spar_metrics m[2];
     memset(m, 0, sizeof m);
     spar_run_result res = {
@@ -312,11 +339,14 @@ int spar__run_plan(spar_comm *comm, const spar_config *cfg) {
      * inside a gather with it), except for output writing, which drains regardless. */
     if (collect_figures(comm, m, backward, &res) != 0) spar_comm_abort(comm, SPAR_EXIT_FAILURE);
     rc = (!whole || rank == 0) ? write_outputs(comm, cfg, &part, &prob.dims, &t) : SPAR_OK;
-    if (spar_comm_agree(comm, rc, &worst) != 0 || worst != 0)
-        return finish(&t, &res, SPAR_EXIT_FAILURE);
-    if (cfg->v[SPAR_KEY_RUN_VERIFY].b && whole)
-        spar_print0("# verify: the local method is the reference itself; nothing to compare\n");
-    else if (cfg->v[SPAR_KEY_RUN_VERIFY].b && verify(comm, cfg, &prob, &t, &res) != 0)
-        spar_comm_abort(comm, SPAR_EXIT_FAILURE);
-    return finish(&t, &res, report(comm, cfg, &res));
+    int code = SPAR_EXIT_FAILURE;
+    if (spar_comm_agree(comm, rc, &worst) == 0 && worst == 0) {
+        if (cfg->v[SPAR_KEY_RUN_VERIFY].b && whole)
+            spar_print0("# verify: the local method is the reference itself; nothing to compare\n");
+        else if (cfg->v[SPAR_KEY_RUN_VERIFY].b && verify(comm, cfg, &prob, &t, &res) != 0)
+            spar_comm_abort(comm, SPAR_EXIT_FAILURE);
+        code = report(comm, cfg, &res);
+    }
+    free(decay);
+    return finish(&t, &res, code);
 }

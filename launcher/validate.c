@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <math.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -21,18 +22,55 @@ static const char *key_str(const spar_config *cfg, int id) {
     return cfg->v[id].s;
 }
 
-static int check_methods(const spar_config *cfg, spar_err *err) {
-    if (strcmp(key_str(cfg, SPAR_KEY_ATTN_TYPE), "softmax") != 0)
-        return spar__err_set(err, SPAR_EUNSUP,
-                             "key attention.type: '%s' is not available yet "
-                             "(allowed now: softmax)",
-                             key_str(cfg, SPAR_KEY_ATTN_TYPE));
+static void set_text(spar_config *cfg, int id, const char *text) {
+    snprintf(cfg->v[id].s, sizeof cfg->v[id].s, "%s", text);
+}
+
+/* The method and partition for this attention type, "auto" resolved here so that every
+ * rank runs (and every record shows) the same thing. */
+static int check_methods(spar_config *cfg, spar_err *err) {
+    bool linear = strcmp(key_str(cfg, SPAR_KEY_ATTN_TYPE), "linear") == 0;
+    bool causal = cfg->v[SPAR_KEY_ATTN_CAUSAL].b;
+    if (strcmp(key_str(cfg, SPAR_KEY_PAR_METHOD), "auto") == 0)
+        set_text(cfg, SPAR_KEY_PAR_METHOD, linear ? "lasp2" : "ring");
+    if (strcmp(key_str(cfg, SPAR_KEY_SEQ_PARTITION), "auto") == 0)
+        set_text(cfg, SPAR_KEY_SEQ_PARTITION, !linear && causal ? "zigzag" : "contiguous");
     const char *method = key_str(cfg, SPAR_KEY_PAR_METHOD);
-    if (!spar_method_find(method))
-        return spar__err_set(err, SPAR_EUNSUP,
-                             "key parallel.method: '%s' is not available yet "
-                             "(allowed now: ring|allgather|local)",
-                             method);
+    const spar_method *m = spar_method_find(method);
+    if (!m || (linear ? !m->linear : !m->softmax))
+        return spar__err_set(err, SPAR_EINVAL,
+                             "key parallel.method: '%s' does not compute %s attention (allowed: "
+                             "%s|local)",
+                             method, linear ? "linear" : "softmax",
+                             linear ? "lasp2|lasp1" : "ring|allgather");
+    const char *part = key_str(cfg, SPAR_KEY_SEQ_PARTITION);
+    if (linear && !m->whole_sequence && strcmp(part, "contiguous") != 0)
+        return spar__err_set(err, SPAR_EINVAL,
+                             "key sequence.partition: '%s' with linear attention (allowed: "
+                             "contiguous; every token costs the same, so there is no causal "
+                             "imbalance to even out)",
+                             part);
+    return SPAR_OK;
+}
+
+/* Keys that belong to the other attention type are refused rather than ignored. */
+static int check_type_keys(const spar_config *cfg, spar_err *err) {
+    bool linear = strcmp(key_str(cfg, SPAR_KEY_ATTN_TYPE), "linear") == 0;
+    if (linear && !isnan(cfg->v[SPAR_KEY_ATTN_SCALE].f))
+        return spar__err_set(err, SPAR_EINVAL,
+                             "key attention.scale: %g with attention.type=linear (allowed: auto; "
+                             "linear attention has no softmax and no scale)",
+                             cfg->v[SPAR_KEY_ATTN_SCALE].f);
+    if (linear && *key_str(cfg, SPAR_KEY_OUT_LSE))
+        return spar__err_set(err, SPAR_EINVAL,
+                             "key output.lse: '%s' with attention.type=linear (allowed: empty; "
+                             "there is no softmax, so no log-sum-exp)",
+                             key_str(cfg, SPAR_KEY_OUT_LSE));
+    if (!linear && cfg->v[SPAR_KEY_ATTN_DECAY].f != 1.0)
+        return spar__err_set(err, SPAR_EINVAL,
+                             "key attention.decay: '%s' with attention.type=softmax (allowed: 1; "
+                             "the decay belongs to linear attention)",
+                             key_str(cfg, SPAR_KEY_ATTN_DECAY));
     return SPAR_OK;
 }
 
@@ -138,6 +176,7 @@ static int check_inputs(const spar_config *cfg, spar_err *err) {
 
 int spar__config_validate(spar_config *cfg, int world_size, spar_err *err) {
     SPAR_TRY(check_methods(cfg, err));
+    SPAR_TRY(check_type_keys(cfg, err));
     SPAR_TRY(check_heads(cfg, err));
     SPAR_TRY(check_backward(cfg, err));
     SPAR_TRY(check_ranks(cfg, world_size, err));

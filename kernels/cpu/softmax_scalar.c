@@ -11,7 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "kernels.h"
+#include "cpu_kernels.h"
 #include "spar_status.h"
 
 static double dot(const float *a, const float *b, int d) {
@@ -67,8 +67,8 @@ static void attend_row(const spar_attn_dims *dims, bool causal, const spar_qbloc
                   qb->lse + i * qb->stride_lse + h);
 }
 
-static int fwd_block_scalar(const spar_attn_dims *dims, bool causal, const spar_qblock *qb,
-                            const spar_kvblock *kb) {
+int spar__softmax_fwd_block_scalar(const spar_attn_dims *dims, bool causal, const spar_qblock *qb,
+                                   const spar_kvblock *kb) {
     double *acc = malloc(sizeof(double) * (size_t)dims->head_dim);
     if (!acc) return SPAR_ENOMEM;
     for (int64_t i = 0; i < qb->n; i++)
@@ -101,8 +101,8 @@ static void backprop_row(const spar_attn_dims *dims, bool causal, const spar_qbl
     }
 }
 
-static int bwd_block_scalar(const spar_attn_dims *dims, bool causal, const spar_qblock *qb,
-                            const spar_kvblock *kb) {
+int spar__softmax_bwd_block_scalar(const spar_attn_dims *dims, bool causal, const spar_qblock *qb,
+                                   const spar_kvblock *kb) {
     int d = dims->head_dim, g_count = dims->kv_heads;
     size_t dkv_len = (size_t)(kb->n * g_count) * 2 * (size_t)d;
     double *dq_row = malloc(sizeof(double) * (size_t)d);
@@ -136,9 +136,3 @@ static int bwd_block_scalar(const spar_attn_dims *dims, bool causal, const spar_
     free(dkv);
     return SPAR_OK;
 }
-
-const spar_kernels spar__kernels_scalar = {
-    .name = "scalar",
-    .softmax_fwd_block = fwd_block_scalar,
-    .softmax_bwd_block = bwd_block_scalar,
-};
