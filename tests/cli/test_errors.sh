@@ -53,7 +53,7 @@ t_heads_out_of_range() {
 }
 
 t_bad_enum() {
-    expect_bad_input 2 "key sequence\.partition: 'diagonal' is not one of the allowed values.*allowed: contiguous\|zigzag\|stripe" -- \
+    expect_bad_input 2 "key sequence\.partition: 'diagonal' is not one of the allowed values.*allowed: auto\|contiguous\|zigzag\|stripe" -- \
         run "${SMALL[@]}" --set sequence.partition=diagonal
 }
 
@@ -77,14 +77,39 @@ t_length_below_ranks_np3() {
         run "${SMALL[@]}" --set sequence.length=2
 }
 
-t_linear_not_available() {
-    expect_bad_input 2 "key attention\.type: 'linear' is not available yet.*allowed now: softmax" -- \
-        run "${SMALL[@]}" --set attention.type=linear
+t_lasp2_for_softmax() {
+    expect_bad_input 2 "key parallel\.method: 'lasp2' does not compute softmax attention.*allowed: ring\|allgather\|local" -- \
+        run "${SMALL[@]}" --set parallel.method=lasp2
 }
 
-t_lasp2_not_available() {
-    expect_bad_input 2 "key parallel\.method: 'lasp2' is not available yet.*allowed now: ring\|allgather\|local" -- \
-        run "${SMALL[@]}" --set parallel.method=lasp2
+t_ring_for_linear() {
+    expect_bad_input 2 "key parallel\.method: 'ring' does not compute linear attention.*allowed: lasp2\|lasp1\|local" -- \
+        run "${SMALL[@]}" --set attention.type=linear --set parallel.method=ring
+}
+
+t_linear_zigzag() {
+    expect_bad_input 3 "key sequence\.partition: 'zigzag' with linear attention.*allowed: contiguous" -- \
+        run "${SMALL[@]}" --set attention.type=linear --set sequence.partition=zigzag
+}
+
+t_linear_lse() {
+    expect_bad_input 2 "key output\.lse: '.*lse\.npy' with attention\.type=linear.*no log-sum-exp" -- \
+        run "${SMALL[@]}" --set attention.type=linear --set output.lse="$TMP/lse.npy"
+}
+
+t_linear_scale() {
+    expect_bad_input 2 "key attention\.scale: 0\.5 with attention\.type=linear.*allowed: auto" -- \
+        run "${SMALL[@]}" --set attention.type=linear --set attention.scale=0.5
+}
+
+t_softmax_decay() {
+    expect_bad_input 2 "key attention\.decay: 'alibi' with attention\.type=softmax.*allowed: 1" -- \
+        run "${SMALL[@]}" --set attention.decay=alibi
+}
+
+t_decay_out_of_range() {
+    expect_bad_input 2 "key attention\.decay: '1\.5' is out of range.*allowed: alibi or a number in \(0, 1\]" -- \
+        run "${SMALL[@]}" --set attention.type=linear --set attention.decay=1.5
 }
 
 t_missing_npy() {
@@ -297,8 +322,13 @@ case_run "--set without '=', np 2" t_set_without_equals
 case_run "heads=8 kv_heads=3: kv_heads must divide heads, np 2" t_kv_heads_not_divisor
 case_run "sequence.length=1 < 2 ranks, np 2" t_length_below_ranks
 case_run "sequence.length=2 < 3 ranks, np 3" t_length_below_ranks_np3
-case_run "attention.type=linear is not available yet, np 2" t_linear_not_available
-case_run "parallel.method=lasp2 is not available yet, np 2" t_lasp2_not_available
+case_run "parallel.method=lasp2 with softmax attention, np 2" t_lasp2_for_softmax
+case_run "parallel.method=ring with linear attention, np 2" t_ring_for_linear
+case_run "linear attention with the zigzag partition, np 3" t_linear_zigzag
+case_run "output.lse with linear attention, np 2" t_linear_lse
+case_run "attention.scale with linear attention, np 2" t_linear_scale
+case_run "attention.decay with softmax attention, np 2" t_softmax_decay
+case_run "attention.decay=1.5 is out of range, np 2" t_decay_out_of_range
 case_run "data.q names a missing file, np 2" t_missing_npy
 case_run "data.k names a directory (unreadable as a file), np 2" t_npy_is_directory
 case_run "data.v has bad magic, np 2" t_npy_bad_magic

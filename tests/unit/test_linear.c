@@ -1,0 +1,4 @@
+/* placeholder: replaced by the linear kernel tests */
+int main(void) {
+    return 0;
+}
