@@ -83,8 +83,7 @@ int spar_comm_ring_start(spar_comm *comm, int channel, const void *send, size_t 
 /* The same with explicit peers: send to `dest` and receive from `src` on channel c; a peer
  * of -1 means nothing to send or receive (the ends of a chain). */
 int spar_comm_sendrecv_start(spar_comm *comm, int channel, const void *send, size_t send_bytes,
-                             int dest, void *recv, size_t recv_bytes, int src,
-                             spar_comm_op **op);
+                             int dest, void *recv, size_t recv_bytes, int src, spar_comm_op **op);
 
 /* All-gather of float32 blocks of different lengths: rank s contributes counts[s] floats
  * from `send`; `recv` gets every block in rank order. counts: [size]. */

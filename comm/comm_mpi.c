@@ -265,15 +265,14 @@ static int post_pair(spar_comm *comm, spar_comm_op *op, int tag, const void *sen
     }
     for (size_t off = 0; dest >= 0 && off < send_bytes; off += PIECE_BYTES) {
         size_t n = send_bytes - off < PIECE_BYTES ? send_bytes - off : PIECE_BYTES;
-        SPAR_MPI_CHECK(MPI_Isend((const char *)send + off, (int)n, MPI_BYTE, dest, tag,
-                                 comm->world, &op->reqs[op->nreqs++]));
+        SPAR_MPI_CHECK(MPI_Isend((const char *)send + off, (int)n, MPI_BYTE, dest, tag, comm->world,
+                                 &op->reqs[op->nreqs++]));
     }
     return SPAR_OK;
 }
 
 int spar_comm_sendrecv_start(spar_comm *comm, int channel, const void *send, size_t send_bytes,
-                             int dest, void *recv, size_t recv_bytes, int src,
-                             spar_comm_op **op) {
+                             int dest, void *recv, size_t recv_bytes, int src, spar_comm_op **op) {
     *op = NULL;
     if (channel < 0 || channel >= RING_CHANNELS)
         return spar_errorf(SPAR_EINVAL, "channel %d outside 0..%d", channel, RING_CHANNELS - 1);
@@ -283,7 +282,8 @@ int spar_comm_sendrecv_start(spar_comm *comm, int channel, const void *send, siz
         return spar_errorf(SPAR_EUNSUP, "message of %zu bytes exceeds %d GiB", send_bytes,
                            MAX_OP_REQS / 2);
     SPAR_TRY(op_new(op));
-    int rc = post_pair(comm, *op, RING_TAG + channel, send, send_bytes, dest, recv, recv_bytes, src);
+    int rc =
+        post_pair(comm, *op, RING_TAG + channel, send, send_bytes, dest, recv, recv_bytes, src);
     if (rc != 0) {
         op_free(*op);
         *op = NULL;

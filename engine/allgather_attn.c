@@ -230,12 +230,12 @@ static int allgather_pass(spar_comm *comm, const spar_attn_problem *prob, const 
     return rc;
 }
 
-int spar__allgather_forward(spar_comm *comm, const spar_attn_problem *prob,
-                            const spar_attn_io *io, spar_metrics *m) {
+int spar__allgather_forward(spar_comm *comm, const spar_attn_problem *prob, const spar_attn_io *io,
+                            spar_metrics *m) {
     return allgather_pass(comm, prob, io, m, false);
 }
 
-int spar__allgather_backward(spar_comm *comm, const spar_attn_problem *prob,
-                             const spar_attn_io *io, spar_metrics *m) {
+int spar__allgather_backward(spar_comm *comm, const spar_attn_problem *prob, const spar_attn_io *io,
+                             spar_metrics *m) {
     return allgather_pass(comm, prob, io, m, true);
 }

@@ -69,10 +69,10 @@ int spar__ring_forward(spar_comm *comm, const spar_attn_problem *prob, const spa
                        spar_metrics *m);
 int spar__ring_backward(spar_comm *comm, const spar_attn_problem *prob, const spar_attn_io *io,
                         spar_metrics *m);
-int spar__allgather_forward(spar_comm *comm, const spar_attn_problem *prob,
-                            const spar_attn_io *io, spar_metrics *m);
-int spar__allgather_backward(spar_comm *comm, const spar_attn_problem *prob,
-                             const spar_attn_io *io, spar_metrics *m);
+int spar__allgather_forward(spar_comm *comm, const spar_attn_problem *prob, const spar_attn_io *io,
+                            spar_metrics *m);
+int spar__allgather_backward(spar_comm *comm, const spar_attn_problem *prob, const spar_attn_io *io,
+                             spar_metrics *m);
 int spar__lasp2_forward(spar_comm *comm, const spar_attn_problem *prob, const spar_attn_io *io,
                         spar_metrics *m);
 int spar__lasp2_backward(spar_comm *comm, const spar_attn_problem *prob, const spar_attn_io *io,

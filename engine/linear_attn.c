@@ -22,10 +22,11 @@
 
 enum { CHANNEL_STATE = 2 };
 
+/* Without the causal mask nothing decays, so a kv head's state serves its whole group. */
 spar_linear_dims spar_linear_dims_of(const spar_attn_problem *prob) {
     spar_linear_dims ld = {prob->dims.heads, prob->dims.kv_heads, prob->dims.head_dim,
                            prob->dims.kv_heads, prob->decay};
-    for (int h = 1; h < prob->dims.heads; h++)
+    for (int h = 1; h < prob->dims.heads && prob->causal; h++)
         if (prob->decay[h] != prob->decay[0]) ld.state_heads = prob->dims.heads;
     return ld;
 }
@@ -46,19 +47,25 @@ typedef struct chain {
     const spar_attn_io *io;
     spar_linear_dims ld;
     int rank, size;
-    int64_t start, len; /* the chunk [start, start+len) */
-    int64_t sf;         /* floats of one state */
+    int64_t start, len;         /* the chunk [start, start+len) */
+    int64_t sf;                 /* floats of one state */
     float *mine, *s_in, *other; /* [sf] each */
-    double *exps;       /* [size] */
+    double *exps;               /* [size] */
 } chain;
 
 static int chain_init(chain *c, spar_comm *comm, const spar_attn_problem *prob,
                       const spar_attn_io *io) {
-    *c = (chain){.comm = comm, .prob = prob, .io = io, .ld = spar_linear_dims_of(prob),
-                 .rank = spar_comm_rank(comm), .size = spar_comm_size(comm)};
+    *c = (chain){.comm = comm,
+                 .prob = prob,
+                 .io = io,
+                 .ld = spar_linear_dims_of(prob),
+                 .rank = spar_comm_rank(comm),
+                 .size = spar_comm_size(comm)};
     if (prob->part->kind != SPAR_PARTITION_CONTIGUOUS || prob->part->ranks != c->size)
-        return spar_errorf(SPAR_EINVAL, "linear attention needs a contiguous partition over "
-                                        "all %d ranks", c->size);
+        return spar_errorf(SPAR_EINVAL,
+                           "linear attention needs a contiguous partition over "
+                           "all %d ranks",
+                           c->size);
     c->start = spar_partition_global(prob->part, c->rank, 0);
     c->len = spar_partition_local_len(prob->part, c->rank);
     c->sf = state_floats(&c->ld);
@@ -100,7 +107,8 @@ static void combine(chain *c, const float *states, enum prefix which, float *out
 static int within_chunk(chain *c, bool backward) {
     const spar_attn_io *io = c->io;
     const spar_kernels *kern = c->prob->kernels;
-    int64_t nq = c->len * c->ld.heads * c->ld.head_dim, nkv = c->len * c->ld.kv_heads * c->ld.head_dim;
+    int64_t nq = c->len * c->ld.heads * c->ld.head_dim,
+            nkv = c->len * c->ld.kv_heads * c->ld.head_dim;
     if (!c->prob->causal) { /* everything goes through T */
         memset(backward ? io->dq : io->o, 0, sizeof(float) * (size_t)nq);
         if (backward) {
@@ -159,8 +167,8 @@ static int lasp2_pass(chain *c, bool backward, spar_metrics *m) {
             spar_linear_fwd_state(&c->ld, causal, c->len, io->q, c->s_in, io->o);
         } else {
             combine(c, gathered, AFTER, c->other);
-            spar_linear_bwd_state(&c->ld, causal, c->len, io->k, io->v, io->dout, c->s_in,
-                                  c->other, io->dq, io->dk, io->dv);
+            spar_linear_bwd_state(&c->ld, causal, c->len, io->k, io->v, io->dout, c->s_in, c->other,
+                                  io->dq, io->dk, io->dv);
         }
     }
     m->compute_seconds = compute;
@@ -256,8 +264,8 @@ static int lasp1_unmasked(chain *c, bool backward, spar_metrics *m) {
     }
     spar_linear_dstate(&c->ld, false, c->len, io->q, io->dout, c->mine);
     SPAR_TRY(rotate_sum(c, c->s_in, m)); /* dT */
-    spar_linear_bwd_state(&c->ld, false, c->len, io->k, io->v, io->dout, t, c->s_in, io->dq,
-                          io->dk, io->dv);
+    spar_linear_bwd_state(&c->ld, false, c->len, io->k, io->v, io->dout, t, c->s_in, io->dq, io->dk,
+                          io->dv);
     return SPAR_OK;
 }
 

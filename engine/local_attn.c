@@ -8,8 +8,8 @@
 
 #include "engine_internal.h"
 
-static int local_pass(const spar_attn_problem *prob, const spar_attn_io *io,
-                      spar_metrics *metrics, bool backward) {
+static int local_pass(const spar_attn_problem *prob, const spar_attn_io *io, spar_metrics *metrics,
+                      bool backward) {
     double t_start = spar__now();
     if (prob->part->ranks != 1)
         return spar_errorf(SPAR_EINVAL, "the local method needs a one-rank partition");

@@ -34,7 +34,7 @@ typedef struct spar_attn_problem {
     enum spar_attn_type type;
     spar_attn_dims dims; /* linear attention ignores the scale */
     bool causal;
-    const double *decay; /* linear: [heads] lambda_h in (0, 1] */
+    const double *decay;         /* linear: [heads] lambda_h in (0, 1] */
     const spar_partition *part;  /* the split of the sequence over the ranks */
     const spar_kernels *kernels; /* backend from spar_kernels_select */
     int64_t query_block;         /* queries per kernel call; between calls pending transfers
@@ -65,8 +65,8 @@ typedef struct spar_metrics {
     int steps;              /* ring steps or head groups */
 } spar_metrics;
 
-typedef int (*spar_pass_fn)(spar_comm *comm, const spar_attn_problem *prob,
-                            const spar_attn_io *io, spar_metrics *metrics);
+typedef int (*spar_pass_fn)(spar_comm *comm, const spar_attn_problem *prob, const spar_attn_io *io,
+                            spar_metrics *metrics);
 
 /* A sequence-parallel method: its forward and backward passes. Both are collective over
  * comm, except for a method with whole_sequence set, which runs on the calling rank

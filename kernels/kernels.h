@@ -87,12 +87,11 @@ typedef struct spar_kernels {
                              const spar_kvblock *kv);
     /* Causal output from inside the segment only (the state entering it counts as zero):
      * o_i = sum_{j <= i} lambda^(i-j) (q_i . k_j) v_j. o is overwritten. */
-    int (*linear_fwd_local)(const spar_linear_dims *dims, int64_t n, const float *q,
-                            const float *k, const float *v, float *o);
+    int (*linear_fwd_local)(const spar_linear_dims *dims, int64_t n, const float *q, const float *k,
+                            const float *v, float *o);
     /* The gradients of linear_fwd_local for output gradient dout; dq, dk, dv overwritten. */
-    int (*linear_bwd_local)(const spar_linear_dims *dims, int64_t n, const float *q,
-                            const float *k, const float *v, const float *dout, float *dq,
-                            float *dk, float *dv);
+    int (*linear_bwd_local)(const spar_linear_dims *dims, int64_t n, const float *q, const float *k,
+                            const float *v, const float *dout, float *dq, float *dk, float *dv);
 } spar_kernels;
 
 /* The segment's memory state m[s] = sum_j c_j k_j^T v_j, with c_j = lambda_s^(n-1-j)

@@ -132,8 +132,8 @@ static int enum_allows(const char *allowed, const char *t) {
 
 /* A float key may accept one word, written first in its allowed text: "WORD or ...". */
 static bool float_keyword(const spar_key *k, const char *text) {
-    const char *or = strstr(k->allowed, " or ");
-    size_t len = or ? (size_t)(or - k->allowed) : 0;
+    const char * or = strstr(k->allowed, " or ");
+    size_t len = or ? (size_t)(or -k->allowed) : 0;
     return len > 0 && strlen(text) == len && strncmp(k->allowed, text, len) == 0 &&
            strspn(text, "abcdefghijklmnopqrstuvwxyz") == len;
 }

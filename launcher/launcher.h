@@ -27,7 +27,7 @@ enum spar_key_type { SPAR_KT_BOOL, SPAR_KT_INT, SPAR_KT_FLOAT, SPAR_KT_ENUM, SPA
  * default is "auto"). */
 #define SPAR_KEY_LIST(X)                                                                           \
     X(ATTN_TYPE, "attention.type", ENUM, "softmax", "softmax|linear", 0, 0,                        \
-      "softmax attention, or linear attention (no softmax, no scale; see attention.decay)")       \
+      "softmax attention, or linear attention (no softmax, no scale; see attention.decay)")        \
     X(ATTN_CAUSAL, "attention.causal", BOOL, "true", "true|false", 0, 0,                           \
       "key j is visible to query i only when j <= i")                                              \
     X(ATTN_HEADS, "attention.heads", INT, "8", "integer >= 1", 1, 65536, "query heads H")          \
@@ -38,15 +38,15 @@ enum spar_key_type { SPAR_KT_BOOL, SPAR_KT_INT, SPAR_KT_FLOAT, SPAR_KT_ENUM, SPA
     X(ATTN_SCALE, "attention.scale", FLOAT, "auto", "auto or a number > 0", 1e-30, 1e30,           \
       "softmax scale; auto = 1/sqrt(head_dim)")                                                    \
     X(ATTN_DECAY, "attention.decay", FLOAT, "1", "alibi or a number in (0, 1]", 1e-300, 1.0,       \
-      "linear attention: lambda for every head (1 = no decay), or alibi: lambda_h = "             \
+      "linear attention: lambda for every head (1 = no decay), or alibi: lambda_h = "              \
       "exp(-slope_h) with the ALiBi slopes")                                                       \
     X(SEQ_LENGTH, "sequence.length", INT, "4096", "integer >= ranks (K, M, G = 2^10, 2^20, 2^30)", \
       1, (double)(1LL << 40), "global sequence length N")                                          \
     X(SEQ_PARTITION, "sequence.partition", ENUM, "auto", "auto|contiguous|zigzag|stripe", 0, 0,    \
-      "how tokens are split over the ranks; auto = zigzag for causal softmax, else contiguous")   \
+      "how tokens are split over the ranks; auto = zigzag for causal softmax, else contiguous")    \
     X(PAR_METHOD, "parallel.method", ENUM, "auto", "auto|ring|allgather|lasp2|lasp1|local", 0, 0,  \
       "softmax: ring (K/V blocks around a ring) or allgather (LASP-2H); linear: lasp2 (one "       \
-      "all-gather of memory states) or lasp1 (serial chain); local = whole sequence on rank 0; "  \
+      "all-gather of memory states) or lasp1 (serial chain); local = whole sequence on rank 0; "   \
       "auto = ring (softmax) or lasp2 (linear)")                                                   \
     X(PAR_HEAD_GROUPS, "parallel.head_groups", INT, "0", "integer >= 0; 0 = min(kv_heads, 4)", 0,  \
       65536, "allgather: kv-head groups; group g+1 is gathered while group g computes")            \

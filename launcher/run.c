@@ -78,8 +78,8 @@ static int tensors_alloc(tensors *t, int64_t n, const spar_attn_problem *prob, b
 }
 
 static spar_attn_io io_of(const tensors *t) {
-    return (spar_attn_io){t->t[T_Q],  t->t[T_K],  t->t[T_V],  t->t[T_O], t->t[T_LSE], t->t[T_DOUT],
-                          t->t[T_DQ], t->t[T_DK], t->t[T_DV], t->states};
+    return (spar_attn_io){t->t[T_Q],    t->t[T_K],  t->t[T_V],  t->t[T_O],  t->t[T_LSE],
+                          t->t[T_DOUT], t->t[T_DQ], t->t[T_DK], t->t[T_DV], t->states};
 }
 
 /* One input tensor: from its .npy file (rank 0 reads, data offset re-read here) or

@@ -164,8 +164,10 @@ static void dkv_block(scratch *s, int64_t p0, int64_t len, int d, const float *q
     for (int pass = 0; pass < 2; pass++) {
         /* pass 0: dk_j = sum_i w (dout_i.v_j) q_i + e_j DKV v_j
          * pass 1: dv_j = sum_i w (q_i.k_j) dout_i + e_j DKV^T k_j */
-        if (pass == 0) masked_products(s, p0, len, dout, vq, v, vkv, d);
-        else masked_products(s, p0, len, q, vq, k, vkv, d);
+        if (pass == 0)
+            masked_products(s, p0, len, dout, vq, v, vkv, d);
+        else
+            masked_products(s, p0, len, q, vq, k, vkv, d);
         const float *x = pass == 0 ? q : dout, *y = pass == 0 ? v : k;
         float *out = pass == 0 ? dk : dv;
         for (int64_t j = 0; j < len; j++) {

@@ -110,9 +110,8 @@ static void dq_through_state(const spar_linear_dims *dims, bool causal, int64_t 
 }
 
 /* dk_j += e_j dkv v_j and dv_j += e_j dkv^T k_j, summed over the states reading kv head g. */
-static void dkv_through_state(const spar_linear_dims *dims, bool causal, int64_t n,
-                              const float *k, const float *v, const float *dkv, float *dk,
-                              float *dv) {
+static void dkv_through_state(const spar_linear_dims *dims, bool causal, int64_t n, const float *k,
+                              const float *v, const float *dkv, float *dk, float *dv) {
     int d = dims->head_dim, g_count = dims->kv_heads;
     for (int s = 0; s < dims->state_heads; s++) {
         int g = kv_of_state(dims, s);

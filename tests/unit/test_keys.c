@@ -154,7 +154,7 @@ static void enum_value_outside_the_allowed_list_is_refused(void **state) {
     assert_contains(err.msg, "sequence.partition");
     assert_contains(err.msg, "diagonal");
     assert_contains(err.msg, "contiguous|zigzag|stripe");
-    assert_string_equal(cfg.v[SPAR_KEY_SEQ_PARTITION].s, "zigzag");
+    assert_string_equal(cfg.v[SPAR_KEY_SEQ_PARTITION].s, "auto");
     /* a prefix of an allowed value is not allowed */
     assert_int_equal(spar__config_set_arg(&cfg, "sequence.partition=zig", &err), SPAR_EINVAL);
 }
@@ -277,6 +277,27 @@ static void validate_accepts_defaults_and_resolves_kv_heads_zero_to_heads(void *
     assert_int_equal(spar__config_validate(&cfg, 0, &err), SPAR_OK);
 }
 
+/* "auto" method and partition resolve by attention type and mask, before the plan goes out. */
+static void validate_resolves_auto_method_and_partition_by_type(void **state) {
+    (void)state;
+    static const struct {
+        const char *sets[3], *method, *partition;
+    } cases[] = {
+        {{NULL}, "ring", "zigzag"},
+        {{"attention.causal=false", NULL}, "ring", "contiguous"},
+        {{"attention.type=linear", NULL}, "lasp2", "contiguous"},
+        {{"attention.type=linear", "parallel.method=lasp1", NULL}, "lasp1", "contiguous"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        static spar_config cfg;
+        spar_err err = {""};
+        config_with(&cfg, cases[i].sets);
+        assert_int_equal(spar__config_validate(&cfg, 2, &err), SPAR_OK);
+        assert_string_equal(cfg.v[SPAR_KEY_PAR_METHOD].s, cases[i].method);
+        assert_string_equal(cfg.v[SPAR_KEY_SEQ_PARTITION].s, cases[i].partition);
+    }
+}
+
 static void validate_refuses_inconsistent_settings_with_the_key_named(void **state) {
     (void)state;
     expect_invalid((const char *[]){"attention.heads=8", "attention.kv_heads=3", NULL}, 1,
@@ -289,10 +310,14 @@ static void validate_refuses_inconsistent_settings_with_the_key_named(void **sta
                    "sequence.length", NULL);
     expect_invalid((const char *[]){"parallel.ranks=4", NULL}, 2, SPAR_EINVAL, "parallel.ranks",
                    "-np 4");
-    expect_invalid((const char *[]){"attention.type=linear", NULL}, 1, SPAR_EUNSUP,
-                   "attention.type", "linear");
-    expect_invalid((const char *[]){"parallel.method=lasp1", NULL}, 1, SPAR_EUNSUP,
-                   "parallel.method", "lasp1");
+    expect_invalid((const char *[]){"attention.type=linear", "parallel.method=ring", NULL}, 1,
+                   SPAR_EINVAL, "parallel.method", "lasp2|lasp1|local");
+    expect_invalid((const char *[]){"parallel.method=lasp1", NULL}, 1, SPAR_EINVAL,
+                   "parallel.method", "ring|allgather|local");
+    expect_invalid((const char *[]){"attention.type=linear", "sequence.partition=stripe", NULL}, 1,
+                   SPAR_EINVAL, "sequence.partition", "contiguous");
+    expect_invalid((const char *[]){"attention.decay=0.5", NULL}, 1, SPAR_EINVAL, "attention.decay",
+                   "linear");
 }
 
 static void validate_refuses_output_in_a_missing_directory(void **state) {
@@ -376,6 +401,7 @@ int main(void) {
         cmocka_unit_test(yaml_errors_name_the_file_and_line),
         cmocka_unit_test(yaml_missing_file_is_an_io_error),
         cmocka_unit_test(validate_accepts_defaults_and_resolves_kv_heads_zero_to_heads),
+        cmocka_unit_test(validate_resolves_auto_method_and_partition_by_type),
         cmocka_unit_test(validate_refuses_inconsistent_settings_with_the_key_named),
         cmocka_unit_test(validate_refuses_output_in_a_missing_directory),
         cmocka_unit_test(plan_pack_then_unpack_gives_every_key_back),
