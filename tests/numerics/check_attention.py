@@ -15,18 +15,10 @@ Environment: SPAR (the binary), MPIEXEC (mpirun). Exits 77 when numpy is missing
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 
-try:
-    import numpy as np
-except ImportError:
-    print("SKIP: numpy is not installed (Debian: apt-get install python3-numpy)")
-    sys.exit(77)
-
-REL_L2_TOL = 1e-5
-ATOL, RTOL = 1e-5, 1e-4
+from harness import (REL_L2_TOL, awkward_length, check_close, np, rel_l2,
+                     require_environment, run_spar)
 
 
 def reference(q, k, v, dout, causal, scale):
@@ -54,46 +46,6 @@ def reference(q, k, v, dout, causal, scale):
         dk[:, kv, :] += scale * ds.T @ q64[:, head, :]
         dv[:, kv, :] += p.T @ do64[:, head, :]
     return {"o": o, "lse": lse, "dq": dq, "dk": dk, "dv": dv}
-
-
-def rel_l2(got, ref):
-    """Relative L2 error; absolute where the reference is zero (dq of a one-token
-    sequence is exactly zero)."""
-    scale = np.linalg.norm(ref)
-    return float(np.linalg.norm(got - ref) / (scale if scale > 1e-6 else 1.0))
-
-
-def check_close(name, got, ref, label):
-    err = rel_l2(got.astype(np.float64), ref)
-    bad = np.abs(got - ref) > ATOL + RTOL * np.abs(ref)
-    if err > REL_L2_TOL or bad.any():
-        worst = np.argsort(-np.abs(got - ref).ravel())[:5]
-        for i in worst:
-            idx = np.unravel_index(i, ref.shape)
-            print(f"  worst {name}{list(idx)}: got {got[idx]!r} ref {ref[idx]!r}")
-        raise AssertionError(f"{label}: {name} relative L2 error {err:.3e} "
-                             f"(tolerance {REL_L2_TOL}), {int(bad.sum())} elements out of bounds")
-    return err
-
-
-def awkward_length(np_ranks, base):
-    """A length >= base that neither P nor 2P divides (for P > 1)."""
-    n = base
-    while np_ranks > 1 and (n % np_ranks == 0 or n % (2 * np_ranks) == 0):
-        n += 1
-    return n
-
-
-def run_spar(np_ranks, sets, tmp):
-    cmd = [os.environ["MPIEXEC"], "-np", str(np_ranks), "--oversubscribe", os.environ["SPAR"],
-           "run"]
-    for key, value in sets.items():
-        cmd += ["--set", f"{key}={value}"]
-    proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=240)
-    if proc.returncode != 0:
-        print(proc.stdout[-4000:], proc.stderr[-4000:])
-        raise AssertionError(f"spar exited {proc.returncode}: {' '.join(cmd)}")
-    return proc
 
 
 def chunk_lengths(n, parts):
@@ -207,10 +159,7 @@ def main():
     parser.add_argument("--np", type=int, required=True, help="MPI ranks")
     parser.add_argument("--seed", type=int, default=20261125)
     args = parser.parse_args()
-    for var in ("SPAR", "MPIEXEC"):
-        if not os.environ.get(var):
-            print(f"SKIP: {var} is not set (run through ctest)")
-            sys.exit(77)
+    require_environment()
     rng = np.random.default_rng(args.seed + args.np)
     shapes = [(4, 2, 24), (3, 1, 40), (2, 2, 80), (6, 3, 33)]
     worst = 0.0

@@ -16,23 +16,13 @@ diagonal block is masked), and the random-input path with run.verify=true.
 Environment: SPAR (the binary), MPIEXEC (mpirun). Exits 77 when numpy is missing.
 """
 import argparse
-import json
 import os
-import subprocess
-import sys
 import tempfile
 
-try:
-    import numpy as np
-except ImportError:
-    print("SKIP: numpy is not installed (Debian: apt-get install python3-numpy)")
-    sys.exit(77)
+from harness import (REL_L2_TOL, awkward_length, check_close, last_record, np,
+                     rel_l2, require_environment, run_spar)
 
-REL_L2_TOL = 1e-5
-# Element bounds. Linear attention has no softmax normalisation: an output is a sum of up to
-# N*d products and its size grows with N, so the absolute part is relative to the size of
-# the tensor (its RMS) rather than a fixed number.
-ATOL, RTOL = 1e-5, 1e-4
+
 OUTPUTS = ("o", "dq", "dk", "dv")
 
 
@@ -78,39 +68,6 @@ def reference(q, k, v, dout, causal, lambdas):
     return {"o": o, "dq": dq, "dk": dk, "dv": dv}
 
 
-def rel_l2(got, ref):
-    """Relative L2 error; absolute where the reference is zero."""
-    scale = np.linalg.norm(ref)
-    return float(np.linalg.norm(got - ref) / (scale if scale > 1e-6 else 1.0))
-
-
-def check_close(name, got, ref, label):
-    got = got.astype(np.float64)
-    err = rel_l2(got, ref)
-    rms = float(np.sqrt(np.mean(ref * ref))) if ref.size else 0.0
-    bad = np.abs(got - ref) > ATOL * max(rms, 1.0) + RTOL * np.abs(ref)
-    if err > REL_L2_TOL or bad.any() or not np.isfinite(got).all():
-        worst = np.argsort(-np.nan_to_num(np.abs(got - ref), nan=np.inf).ravel())[:5]
-        for i in worst:
-            idx = np.unravel_index(i, ref.shape)
-            print(f"  worst {name}{list(idx)}: got {got[idx]!r} ref {ref[idx]!r}")
-        raise AssertionError(f"{label}: {name} relative L2 error {err:.3e} "
-                             f"(tolerance {REL_L2_TOL}), {int(bad.sum())} elements out of bounds")
-    return err
-
-
-def awkward_length(np_ranks, base):
-    """A length >= base that neither P nor 2P divides (for P > 1), and for P >= 3 with
-    N mod P >= 2: then a middle rank (rank 1) holds a longer chunk than N // P and passes
-    on a state that arrived from rank 0, so a chain that decays by N // P instead of the
-    true chunk length shows."""
-    n = base
-    while np_ranks > 1 and (n % np_ranks == 0 or n % (2 * np_ranks) == 0 or
-                            (np_ranks >= 3 and n % np_ranks < 2)):
-        n += 1
-    return n
-
-
 def chunk_bounds(n, p):
     """[start, end) of every rank's contiguous chunk (the first n % p get one more)."""
     lengths = [n // p + (c < n % p) for c in range(p)]
@@ -133,24 +90,6 @@ def expected_bytes(method, causal, p, h, g, d, lambdas):
     fwd = [state if r < p - 1 else 0 for r in range(p)]  # lasp1: the chain r -> r+1
     bwd = [state if r > 0 else 0 for r in range(p)]      # and back, r -> r-1
     return fwd, bwd
-
-
-def run_spar(np_ranks, sets, tmp, expect_rc=0):
-    cmd = [os.environ["MPIEXEC"], "-np", str(np_ranks), "--oversubscribe", os.environ["SPAR"],
-           "run"]
-    for key, value in sets.items():
-        cmd += ["--set", f"{key}={value}"]
-    proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=240)
-    if proc.returncode != expect_rc:
-        print(proc.stdout[-4000:], proc.stderr[-4000:])
-        raise AssertionError(f"spar exited {proc.returncode} (expected {expect_rc}): "
-                             f"{' '.join(cmd)}")
-    return proc
-
-
-def last_record(path):
-    with open(path) as f:
-        return json.loads(f.readlines()[-1])
 
 
 def make_inputs(rng, n, h, g, d):
@@ -359,10 +298,7 @@ def main():
     parser.add_argument("--np", type=int, required=True, help="MPI ranks")
     parser.add_argument("--seed", type=int, default=20261126)
     args = parser.parse_args()
-    for var in ("SPAR", "MPIEXEC"):
-        if not os.environ.get(var):
-            print(f"SKIP: {var} is not set (run through ctest)")
-            sys.exit(77)
+    require_environment()
     p = args.np
     rng = np.random.default_rng(args.seed + p)
     # (H, G, d): GQA, MQA with an odd head dim, H=6 (alibi: not a power of two).
