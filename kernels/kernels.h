@@ -130,8 +130,11 @@ void spar_alibi_decay(int heads, double *decay);
  * for an unknown name. */
 const spar_kernels *spar_kernels_select(const char *name);
 
-/* Comma-separated list of backend names, for help texts. */
+/* "|"-separated list of the backends this build has, for help texts. */
 const char *spar_kernels_names(void);
+
+/* Threads the kernels may use (0 = the runtime's default); returns the number in force. */
+int spar_kernels_set_threads(int threads);
 
 /* Sets a partial to "no keys seen": o = 0, lse = -inf.
  *   o: [n, H, d]  lse: [n, H] */

@@ -312,6 +312,7 @@ int spar__run_plan(spar_comm *comm, const spar_config *cfg) {
     double t0 = spar_comm_wtime();
     prob.progress_ctx = &t0;
     spar__print_settings(cfg, p, spar_comm_transport(comm));
+    spar_kernels_set_threads((int)cfg->v[SPAR_KEY_RUN_THREADS].i);
 
     tensors t = {0};
     int64_t n_local = whole ? (rank == 0 ? n : 0) : spar_partition_local_len(&part, rank);

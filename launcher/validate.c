@@ -29,6 +29,10 @@ static void set_text(spar_config *cfg, int id, const char *text) {
 /* The method and partition for this attention type, "auto" resolved here so that every
  * rank runs (and every record shows) the same thing. */
 static int check_methods(spar_config *cfg, spar_err *err) {
+    if (!spar_kernels_select(key_str(cfg, SPAR_KEY_RUN_KERNEL)))
+        return spar__err_set(err, SPAR_EUNSUP,
+                             "key run.kernel: '%s' is not in this build (allowed: %s)",
+                             key_str(cfg, SPAR_KEY_RUN_KERNEL), spar_kernels_names());
     bool linear = strcmp(key_str(cfg, SPAR_KEY_ATTN_TYPE), "linear") == 0;
     bool causal = cfg->v[SPAR_KEY_ATTN_CAUSAL].b;
     if (strcmp(key_str(cfg, SPAR_KEY_PAR_METHOD), "auto") == 0)

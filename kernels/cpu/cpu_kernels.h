@@ -14,6 +14,12 @@ int spar__softmax_fwd_block_scalar(const spar_attn_dims *dims, bool causal, cons
 int spar__softmax_bwd_block_scalar(const spar_attn_dims *dims, bool causal, const spar_qblock *qb,
                                    const spar_kvblock *kb);
 
+/* OpenBLAS for the block products, SIMD clones for the softmax (softmax_blas.c). */
+int spar__softmax_fwd_block_blas(const spar_attn_dims *dims, bool causal, const spar_qblock *qb,
+                                 const spar_kvblock *kb);
+int spar__softmax_bwd_block_blas(const spar_attn_dims *dims, bool causal, const spar_qblock *qb,
+                                 const spar_kvblock *kb);
+
 int spar__linear_fwd_local_scalar(const spar_linear_dims *dims, int64_t n, const float *q,
                                   const float *k, const float *v, float *o);
 int spar__linear_bwd_local_scalar(const spar_linear_dims *dims, int64_t n, const float *q,
