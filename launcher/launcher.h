@@ -85,7 +85,7 @@ enum spar_key_type { SPAR_KT_BOOL, SPAR_KT_INT, SPAR_KT_FLOAT, SPAR_KT_ENUM, SPA
       "kernel backend: blas (OpenBLAS block products, SIMD softmax), blocked, scalar (the "        \
       "oracle); auto = the fastest this build has")                                                \
     X(RUN_THREADS, "run.threads", INT, "1", "integer >= 0; 0 = all cores", 0, 4096,                \
-      "kernel threads per rank (ranks per host x threads should not exceed its cores)")           \
+      "kernel threads per rank (ranks per host x threads should not exceed its cores)")            \
     X(RUN_QUERY_BLOCK, "run.query_block", INT, "256", "integer >= 1", 1, 1 << 30,                  \
       "queries per kernel call; the ring makes progress between calls")                            \
     X(COMM_TRANSPORT, "comm.transport", ENUM, "auto", "auto|ucx|ob1", 0, 0,                        \
@@ -186,6 +186,46 @@ int spar__rows_write_npy(spar_comm *comm, const spar_partition *part, const char
 /* Rank 0 receives the whole tensor in global order into full ([N, row_floats]). */
 int spar__rows_gather(spar_comm *comm, const spar_partition *part, int64_t row_floats,
                       const float *local, float *full);
+
+/* experiment.c: one experiment's tensors on this rank and the passes of its method. */
+enum spar_row_kind { ROW_Q, ROW_KV, ROW_LSE };
+enum { T_Q, T_K, T_V, T_DOUT, T_O, T_LSE, T_DQ, T_DK, T_DV, T_COUNT };
+
+typedef struct spar_tensor_spec {
+    const char *name;
+    int input_key, output_key; /* -1: none */
+    enum spar_row_kind rows;
+    uint64_t stream; /* random inputs: the generator's stream */
+    bool backward_only;
+} spar_tensor_spec;
+
+typedef struct spar_tensors {
+    float *t[T_COUNT];
+    float *states;  /* linear attention: what forward leaves for backward */
+    int64_t n;      /* tokens held */
+    int64_t row[3]; /* floats per token, by row kind */
+    bool backward, linear;
+} spar_tensors;
+
+const spar_tensor_spec *spar__tensor_spec(int i);
+bool spar__tensor_in_use(const spar_tensors *t, int i);
+/* Tensors for n tokens of prob (its type decides lse and the linear states). */
+int spar__tensors_alloc(spar_tensors *t, int64_t n, const spar_attn_problem *prob, bool backward);
+void spar__tensors_free(spar_tensors *t);
+spar_attn_io spar__tensors_io(const spar_tensors *t);
+/* Inputs for this rank from files or the seed (comm NULL: part has one rank, no exchange);
+ * every input is attempted so that the ranks' exchanges stay matched. */
+int spar__tensors_load(spar_comm *comm, const spar_config *cfg, const spar_partition *part,
+                       spar_tensors *t);
+/* One pass of the method, between barriers: every rank for a distributed method, rank 0
+ * for a whole-sequence one. */
+int spar__run_pass(spar_comm *comm, const spar_method *method, const spar_attn_problem *prob,
+                   const spar_tensors *t, bool backward, spar_metrics *m);
+void spar__decay_from_config(const spar_config *cfg, int heads, double *decay);
+/* prob->progress_ctx must then point at a double holding the start time (wtime). */
+void spar__problem_from_config(const spar_config *cfg, const spar_partition *part,
+                               const double *decay, spar_attn_problem *prob);
+enum spar_partition_kind spar__partition_kind(const char *name);
 
 /* report.c */
 typedef struct spar_pass_result {

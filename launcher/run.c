@@ -15,112 +15,6 @@
 
 #include "launcher.h"
 
-/* Every tensor of a run, by the shape of its rows. */
-enum row_kind { ROW_Q, ROW_KV, ROW_LSE };
-enum { T_Q, T_K, T_V, T_DOUT, T_O, T_LSE, T_DQ, T_DK, T_DV, T_COUNT };
-
-static const struct tensor_spec {
-    const char *name;
-    int input_key, output_key; /* -1: none */
-    enum row_kind rows;
-    uint64_t stream; /* random inputs: the generator's stream */
-    bool backward_only;
-} specs[T_COUNT] = {
-    {"q", SPAR_KEY_DATA_Q, -1, ROW_Q, 1, false},  {"k", SPAR_KEY_DATA_K, -1, ROW_KV, 2, false},
-    {"v", SPAR_KEY_DATA_V, -1, ROW_KV, 3, false}, {"do", SPAR_KEY_DATA_DO, -1, ROW_Q, 4, true},
-    {"o", -1, SPAR_KEY_OUT_O, ROW_Q, 0, false},   {"lse", -1, SPAR_KEY_OUT_LSE, ROW_LSE, 0, false},
-    {"dq", -1, SPAR_KEY_OUT_DQ, ROW_Q, 0, true},  {"dk", -1, SPAR_KEY_OUT_DK, ROW_KV, 0, true},
-    {"dv", -1, SPAR_KEY_OUT_DV, ROW_KV, 0, true},
-};
-
-typedef struct tensors {
-    float *t[T_COUNT];
-    float *states;  /* linear attention: what forward leaves for backward */
-    int64_t n;      /* tokens held */
-    int64_t row[3]; /* floats per token, by row_kind */
-    bool backward, linear;
-} tensors;
-
-static void tensors_free(tensors *t) {
-    for (int i = 0; i < T_COUNT; i++)
-        free(t->t[i]);
-    free(t->states);
-    memset(t, 0, sizeof *t);
-}
-
-static bool in_use(const tensors *t, int i) {
-    if (i == T_LSE && t->linear) return false; /* no softmax, no log-sum-exp */
-    return t->backward || !specs[i].backward_only;
-}
-
-/* Tensors for n tokens of prob (its type decides lse and the linear states). */
-static int tensors_alloc(tensors *t, int64_t n, const spar_attn_problem *prob, bool backward) {
-    const spar_attn_dims *dims = &prob->dims;
-    *t = (tensors){.n = n, .backward = backward, .linear = prob->type == SPAR_ATTN_LINEAR};
-    if (t->linear &&
-        !(t->states = malloc(sizeof(float) * (size_t)spar_linear_states_floats(prob) + 1)))
-        return spar_errorf(SPAR_ENOMEM, "cannot allocate the linear attention states");
-    t->row[ROW_Q] = (int64_t)dims->heads * dims->head_dim;
-    t->row[ROW_KV] = (int64_t)dims->kv_heads * dims->head_dim;
-    t->row[ROW_LSE] = dims->heads;
-    double bytes = 0.0;
-    for (int i = 0; i < T_COUNT; i++) {
-        if (!in_use(t, i)) continue;
-        size_t floats = (size_t)(n * t->row[specs[i].rows]);
-        bytes += (double)floats * 4.0;
-        if (!(t->t[i] = malloc(floats * sizeof(float) + 1))) {
-            tensors_free(t);
-            return spar_errorf(SPAR_ENOMEM, "cannot allocate %.1f MiB for %lld tokens",
-                               bytes / 1048576.0, (long long)n);
-        }
-    }
-    return SPAR_OK;
-}
-
-static spar_attn_io io_of(const tensors *t) {
-    return (spar_attn_io){t->t[T_Q],    t->t[T_K],  t->t[T_V],  t->t[T_O],  t->t[T_LSE],
-                          t->t[T_DOUT], t->t[T_DQ], t->t[T_DK], t->t[T_DV], t->states};
-}
-
-/* One input tensor: from its .npy file (rank 0 reads, data offset re-read here) or
- * random from the seed. */
-static int load_input(spar_comm *comm, const spar_config *cfg, const spar_partition *part,
-                      tensors *t, int i) {
-    const char *path = cfg->v[specs[i].input_key].s;
-    spar_row_source src = {*path ? path : NULL, 0, (uint64_t)cfg->v[SPAR_KEY_DATA_SEED].i,
-                           specs[i].stream};
-    if (src.path && (!comm || spar_comm_rank(comm) == 0)) {
-        spar_npy_info info;
-        spar_err err;
-        if (spar__npy_read_info(src.path, &info, &err) != 0)
-            return spar_errorf(SPAR_EFORMAT, "%s", err.msg);
-        src.data_offset = info.data_offset;
-    }
-    int64_t row = t->row[specs[i].rows];
-    return comm ? spar__rows_scatter(comm, part, &src, row, t->t[i])
-                : spar__rows_fill(&src, part, 0, row, t->t[i]);
-}
-
-/* Inputs for this rank (or the whole sequence when comm is NULL and part has one rank).
- * Every input is attempted so that the ranks' exchanges stay matched. */
-static int load_inputs(spar_comm *comm, const spar_config *cfg, const spar_partition *part,
-                       tensors *t) {
-    int status = SPAR_OK;
-    for (int i = 0; i < T_COUNT; i++) {
-        if (specs[i].input_key < 0 || !in_use(t, i)) continue;
-        int rc = load_input(comm, cfg, part, t, i);
-        status = status ? status : rc;
-    }
-    return status;
-}
-
-static void show_progress(void *ctx, const char *phase, int64_t done, int64_t total) {
-    double t0 = *(const double *)ctx;
-    printf("# progress: %s %lld/%lld (%.0f%%), %.2f s\n", phase, (long long)done, (long long)total,
-           100.0 * (double)done / (double)total, spar_comm_wtime() - t0);
-    fflush(stdout);
-}
-
 static double rel_l2(const float *got, const float *ref, int64_t n) {
     double num = 0.0, den = 0.0;
     for (int64_t i = 0; i < n; i++) {
@@ -134,15 +28,15 @@ static double rel_l2(const float *got, const float *ref, int64_t n) {
 /* Rank 0: gather every output, recompute the whole sequence with the local method and
  * compare. The other ranks only send their outputs. */
 static int verify(spar_comm *comm, const spar_config *cfg, const spar_attn_problem *prob,
-                  const tensors *mine, spar_run_result *res) {
+                  const spar_tensors *mine, spar_run_result *res) {
     int rank = spar_comm_rank(comm);
     int64_t n = prob->part->n;
-    tensors ref = {0}, got = {0};
-    if (rank == 0) SPAR_TRY(tensors_alloc(&got, n, prob, mine->backward));
+    spar_tensors ref = {0}, got = {0};
+    if (rank == 0) SPAR_TRY(spar__tensors_alloc(&got, n, prob, mine->backward));
     for (int i = T_O; i < T_COUNT; i++)
-        if (in_use(mine, i))
-            SPAR_TRY(spar__rows_gather(comm, prob->part, mine->row[specs[i].rows], mine->t[i],
-                                       got.t[i]));
+        if (spar__tensor_in_use(mine, i))
+            SPAR_TRY(spar__rows_gather(comm, prob->part, mine->row[spar__tensor_spec(i)->rows],
+                                       mine->t[i], got.t[i]));
     if (rank != 0) return SPAR_OK;
     spar_partition whole;
     spar_partition_init(&whole, SPAR_PARTITION_CONTIGUOUS, n, 1);
@@ -152,30 +46,33 @@ static int verify(spar_comm *comm, const spar_config *cfg, const spar_attn_probl
     local.progress_ctx = &t0;
     const spar_method *m = spar_method_find("local");
     spar_print0("# verify: recomputing the whole sequence on rank 0 (local method)\n");
-    int rc = tensors_alloc(&ref, n, &local, mine->backward);
-    spar_attn_io io = io_of(&ref);
-    if (rc == 0) rc = load_inputs(NULL, cfg, &whole, &ref);
+    int rc = spar__tensors_alloc(&ref, n, &local, mine->backward);
+    spar_attn_io io = spar__tensors_io(&ref);
+    if (rc == 0) rc = spar__tensors_load(NULL, cfg, &whole, &ref);
     if (rc == 0) rc = m->forward(NULL, &local, &io, NULL);
     if (rc == 0 && mine->backward) rc = m->backward(NULL, &local, &io, NULL);
     for (int i = T_O; i < T_COUNT && rc == 0; i++) {
         res->err[i - T_O] =
-            in_use(mine, i) ? rel_l2(got.t[i], ref.t[i], n * mine->row[specs[i].rows]) : NAN;
+            spar__tensor_in_use(mine, i)
+                ? rel_l2(got.t[i], ref.t[i], n * mine->row[spar__tensor_spec(i)->rows])
+                : NAN;
     }
     res->verified = rc == 0;
-    tensors_free(&ref);
-    tensors_free(&got);
+    spar__tensors_free(&ref);
+    spar__tensors_free(&got);
     return rc;
 }
 
 static int write_outputs(spar_comm *comm, const spar_config *cfg, const spar_partition *part,
-                         const spar_attn_dims *dims, const tensors *t) {
+                         const spar_attn_dims *dims, const spar_tensors *t) {
     for (int i = T_O; i < T_COUNT; i++) {
-        const char *path = cfg->v[specs[i].output_key].s;
-        if (!*path || !in_use(t, i)) continue;
-        int64_t shape[3] = {part->n, specs[i].rows == ROW_KV ? dims->kv_heads : dims->heads,
+        const char *path = cfg->v[spar__tensor_spec(i)->output_key].s;
+        if (!*path || !spar__tensor_in_use(t, i)) continue;
+        int64_t shape[3] = {part->n,
+                            spar__tensor_spec(i)->rows == ROW_KV ? dims->kv_heads : dims->heads,
                             dims->head_dim};
-        SPAR_TRY(spar__rows_write_npy(comm, part, path, specs[i].rows == ROW_LSE ? 2 : 3, shape,
-                                      t->t[i]));
+        SPAR_TRY(spar__rows_write_npy(
+            comm, part, path, spar__tensor_spec(i)->rows == ROW_LSE ? 2 : 3, shape, t->t[i]));
     }
     return SPAR_OK;
 }
@@ -217,51 +114,6 @@ static int collect_figures(spar_comm *comm, const spar_metrics m[2], bool backwa
     return backward ? collect_pass(comm, &m[1], &res->bwd) : SPAR_OK;
 }
 
-/* One pass of the method: every rank for a distributed method, rank 0 for local. */
-static int run_pass(spar_comm *comm, const spar_method *method, const spar_attn_problem *prob,
-                    const tensors *t, bool backward, spar_metrics *m) {
-    SPAR_TRY(spar_comm_barrier(comm));
-    *m = (spar_metrics){0};
-    if (method->whole_sequence && spar_comm_rank(comm) != 0) return SPAR_OK;
-    spar_attn_io io = io_of(t);
-    return (backward ? method->backward : method->forward)(comm, prob, &io, m);
-}
-
-/* The decay of every head: one number for all, or the ALiBi rule. decay: [heads]. */
-static void decay_from_config(const spar_config *cfg, int heads, double *decay) {
-    double lambda = cfg->v[SPAR_KEY_ATTN_DECAY].f;
-    if (isnan(lambda)) /* alibi */
-        spar_alibi_decay(heads, decay);
-    else
-        for (int h = 0; h < heads; h++)
-            decay[h] = lambda;
-}
-
-static void problem_from_config(const spar_config *cfg, const spar_partition *part,
-                                const double *decay, spar_attn_problem *prob) {
-    int d = (int)cfg->v[SPAR_KEY_ATTN_HEAD_DIM].i;
-    double scale = cfg->v[SPAR_KEY_ATTN_SCALE].f;
-    bool linear = strcmp(cfg->v[SPAR_KEY_ATTN_TYPE].s, "linear") == 0;
-    *prob = (spar_attn_problem){
-        .type = linear ? SPAR_ATTN_LINEAR : SPAR_ATTN_SOFTMAX,
-        .decay = decay,
-        .dims = {(int)cfg->v[SPAR_KEY_ATTN_HEADS].i, (int)cfg->v[SPAR_KEY_ATTN_KV_HEADS].i, d,
-                 (float)(isnan(scale) ? 1.0 / sqrt((double)d) : scale)},
-        .causal = cfg->v[SPAR_KEY_ATTN_CAUSAL].b,
-        .part = part,
-        .kernels = spar_kernels_select(cfg->v[SPAR_KEY_RUN_KERNEL].s),
-        .query_block = cfg->v[SPAR_KEY_RUN_QUERY_BLOCK].i,
-        .head_groups = (int)cfg->v[SPAR_KEY_PAR_HEAD_GROUPS].i,
-        .progress = show_progress,
-    };
-}
-
-static enum spar_partition_kind partition_kind(const char *name) {
-    if (strcmp(name, "zigzag") == 0) return SPAR_PARTITION_ZIGZAG;
-    if (strcmp(name, "stripe") == 0) return SPAR_PARTITION_STRIPE;
-    return SPAR_PARTITION_CONTIGUOUS;
-}
-
 /* Rank 0 prints the table, appends the record and judges the verification; every
  * rank returns the same exit code. */
 static int report(spar_comm *comm, const spar_config *cfg, const spar_run_result *res) {
@@ -284,8 +136,8 @@ static int report(spar_comm *comm, const spar_config *cfg, const spar_run_result
     return worst == SPAR_EVERIFY ? SPAR_EXIT_VERIFY : worst ? SPAR_EXIT_FAILURE : SPAR_EXIT_OK;
 }
 
-static int finish(tensors *t, spar_run_result *res, int code) {
-    tensors_free(t);
+static int finish(spar_tensors *t, spar_run_result *res, int code) {
+    spar__tensors_free(t);
     free(res->fwd.bytes_sent);
     free(res->bwd.bytes_sent);
     free(res->peak_mib);
@@ -300,26 +152,27 @@ int spar__run_plan(spar_comm *comm, const spar_config *cfg) {
     bool whole = method->whole_sequence, backward = cfg->v[SPAR_KEY_RUN_BACKWARD].b;
     int64_t n = cfg->v[SPAR_KEY_SEQ_LENGTH].i;
     spar_partition part;
-    spar_partition_init(
-        &part, whole ? SPAR_PARTITION_CONTIGUOUS : partition_kind(cfg->v[SPAR_KEY_SEQ_PARTITION].s),
-        n, whole ? 1 : p);
+    spar_partition_init(&part,
+                        whole ? SPAR_PARTITION_CONTIGUOUS
+                              : spar__partition_kind(cfg->v[SPAR_KEY_SEQ_PARTITION].s),
+                        n, whole ? 1 : p);
     spar_attn_problem prob;
     int heads = (int)cfg->v[SPAR_KEY_ATTN_HEADS].i;
     double *decay = malloc(sizeof(double) * (size_t)heads);
     if (!decay) return SPAR_EXIT_FAILURE; /* every rank: the same small allocation */
-    decay_from_config(cfg, heads, decay);
-    problem_from_config(cfg, &part, decay, &prob);
+    spar__decay_from_config(cfg, heads, decay);
+    spar__problem_from_config(cfg, &part, decay, &prob);
     double t0 = spar_comm_wtime();
     prob.progress_ctx = &t0;
     spar__print_settings(cfg, p, spar_comm_transport(comm));
     spar_kernels_set_threads((int)cfg->v[SPAR_KEY_RUN_THREADS].i);
 
-    tensors t = {0};
+    spar_tensors t = {0};
     int64_t n_local = whole ? (rank == 0 ? n : 0) : spar_partition_local_len(&part, rank);
-    int rc = n_local > 0 ? tensors_alloc(&t, n_local, &prob, backward) : SPAR_OK;
-    if (rc == 0 && n_local > 0) rc = load_inputs(whole ? NULL : comm, cfg, &part, &t);
+    int rc = n_local > 0 ? spar__tensors_alloc(&t, n_local, &prob, backward) : SPAR_OK;
+    if (rc == 0 && n_local > 0) rc = spar__tensors_load(whole ? NULL : comm, cfg, &part, &t);
     if (spar_comm_agree(comm, rc, &worst) != 0 || worst != 0) {
-        tensors_free(&t);
+        spar__tensors_free(&t);
         free(decay);
         return spar_status_is_input_error(worst) ? SPAR_EXIT_BAD_INPUT : SPAR_EXIT_FAILURE;
     }
@@ -330,7 +183,7 @@ int spar__run_plan(spar_comm *comm, const spar_config *cfg) {
     spar_run_result res = {
         .cfg = cfg, .transport = spar_comm_transport(comm), .library = spar_comm_library(comm)};
     for (int pass = 0; pass < (backward ? 2 : 1); pass++) {
-        if ((rc = run_pass(comm, method, &prob, &t, pass == 1, &m[pass])) != 0) {
+        if ((rc = spar__run_pass(comm, method, &prob, &t, pass == 1, &m[pass])) != 0) {
             spar_log_error("%s %s pass failed (%s); stopping every rank", method->name,
                            pass ? "backward" : "forward", spar_strerror(rc));
             spar_comm_abort(comm, SPAR_EXIT_FAILURE);
