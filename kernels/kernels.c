@@ -20,8 +20,37 @@ const spar_kernels spar__kernels_blocked = {
     .linear_bwd_local = spar__linear_bwd_local_blocked,
 };
 
+static int none_softmax(const spar_attn_dims *dims, bool causal, const spar_qblock *q,
+                        const spar_kvblock *kv) {
+    (void)dims, (void)causal, (void)q, (void)kv;
+    return 0;
+}
+
+static int none_linear_fwd(const spar_linear_dims *dims, int64_t n, const float *q,
+                           const float *k, const float *v, float *o) {
+    (void)dims, (void)n, (void)q, (void)k, (void)v, (void)o;
+    return 0;
+}
+
+static int none_linear_bwd(const spar_linear_dims *dims, int64_t n, const float *q,
+                           const float *k, const float *v, const float *dout, float *dq,
+                           float *dk, float *dv) {
+    (void)dims, (void)n, (void)q, (void)k, (void)v, (void)dout, (void)dq, (void)dk, (void)dv;
+    return 0;
+}
+
+const spar_kernels spar_kernels_none = {
+    .name = "none",
+    .softmax_fwd_block = none_softmax,
+    .softmax_bwd_block = none_softmax,
+    .linear_fwd_local = none_linear_fwd,
+    .linear_bwd_local = none_linear_bwd,
+};
+
 #ifdef SPAR_HAVE_BLAS
+#include <cblas.h>
 #include <omp.h>
+#include <stdlib.h>
 
 /* OpenBLAS sgemm for the softmax block products, blocked linear attention. */
 static const spar_kernels kernels_blas = {
@@ -69,5 +98,38 @@ int spar_kernels_set_threads(int threads) {
 #else
     (void)threads;
     return 1;
+#endif
+}
+
+double spar_kernels_sgemm_gflops(int m, int n, int k, double min_seconds) {
+#ifdef SPAR_HAVE_BLAS
+    double flops = 0.0, start = omp_get_wtime(), elapsed = 0.0;
+    int failed = 0;
+#pragma omp parallel reduction(+ : flops)
+    {
+        float *a = calloc((size_t)m * (size_t)k, sizeof(float));
+        float *b = calloc((size_t)k * (size_t)n, sizeof(float));
+        float *c = calloc((size_t)m * (size_t)n, sizeof(float));
+        if (!a || !b || !c) {
+#pragma omp atomic write
+            failed = 1;
+        }
+        for (size_t i = 0; !failed && i < (size_t)m * (size_t)k; i++)
+            a[i] = (float)(i % 7) * 0.25f;
+        for (size_t i = 0; !failed && i < (size_t)k * (size_t)n; i++)
+            b[i] = (float)(i % 5) * 0.5f;
+#pragma omp barrier
+        while (!failed && omp_get_wtime() - start < min_seconds) {
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, n, k, 1.0f, a, k, b, n, 0.0f,
+                        c, n);
+            flops += 2.0 * m * n * k;
+        }
+        free(a), free(b), free(c);
+    }
+    elapsed = omp_get_wtime() - start;
+    return failed || elapsed <= 0 ? 0.0 : flops / elapsed / 1e9;
+#else
+    (void)m, (void)n, (void)k, (void)min_seconds;
+    return 0.0;
 #endif
 }

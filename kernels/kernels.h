@@ -136,6 +136,15 @@ const char *spar_kernels_names(void);
 /* Threads the kernels may use (0 = the runtime's default); returns the number in force. */
 int spar_kernels_set_threads(int threads);
 
+/* A backend that does no arithmetic in its block kernels: running a method with it times
+ * the method's communication alone (the benchmark's overlap figure). */
+extern const spar_kernels spar_kernels_none;
+
+/* OpenBLAS sgemm FLOP/s of C[m,n] = A[m,k] B[k,n] on the kernels' threads (each thread
+ * its own product, as the kernels use them), measured for at least min_seconds: the
+ * yardstick for kernel efficiency. 0 when the build has no BLAS. */
+double spar_kernels_sgemm_gflops(int m, int n, int k, double min_seconds);
+
 /* Sets a partial to "no keys seen": o = 0, lse = -inf.
  *   o: [n, H, d]  lse: [n, H] */
 void spar_softmax_init_partial(int64_t n, int heads, int head_dim, float *o, float *lse);

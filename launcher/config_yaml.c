@@ -45,6 +45,55 @@ static const unsigned char *anchor_of(const yaml_event_t *ev) {
     return NULL;
 }
 
+/* One value of the sweep list for `key` (the part after "sweep."). */
+static int add_sweep_value(walker *w, const char *key, const char *text, int line) {
+    spar_sweep *sw = &w->cfg->sweep;
+    int id = spar__key_find(key), slot = 0;
+    spar_err inner;
+    if (spar__value_check(key, text, &inner) != 0)
+        return spar__err_set(w->err, SPAR_EINVAL, "%s:%d: sweep: %s", w->path, line, inner.msg);
+    while (slot < sw->nkeys && sw->key[slot] != id)
+        slot++;
+    if (slot == sw->nkeys) {
+        if (sw->nkeys == SPAR_SWEEP_KEYS)
+            return spar__err_set(w->err, SPAR_EINVAL, "%s:%d: sweep: more than %d keys", w->path,
+                                 line, SPAR_SWEEP_KEYS);
+        sw->key[sw->nkeys++] = id;
+    }
+    if (sw->nvalues[slot] == SPAR_SWEEP_VALUES || strlen(text) >= sizeof sw->value[0][0])
+        return spar__err_set(w->err, SPAR_EINVAL,
+                             "%s:%d: sweep: key %s: at most %d values of %zu characters", w->path,
+                             line, key, SPAR_SWEEP_VALUES, sizeof sw->value[0][0] - 1);
+    snprintf(sw->value[slot][sw->nvalues[slot]++], sizeof sw->value[0][0], "%s", text);
+    return SPAR_OK;
+}
+
+/* `sweep.KEY: [v1, v2, ...]` (or a single value). */
+static int walk_sweep(walker *w, const char *key, yaml_event_t *first) {
+    int line = line_of(first);
+    if (first->type == YAML_SCALAR_EVENT)
+        return add_sweep_value(w, key, (const char *)first->data.scalar.value, line);
+    if (first->type != YAML_SEQUENCE_START_EVENT)
+        return spar__err_set(w->err, SPAR_EINVAL, "%s:%d: sweep: key %s: expected a list of values",
+                             w->path, line, key);
+    for (;;) {
+        yaml_event_t ev;
+        SPAR_TRY(next_event(w, &ev));
+        int rc = SPAR_OK;
+        if (ev.type == YAML_SEQUENCE_END_EVENT) {
+            yaml_event_delete(&ev);
+            return SPAR_OK;
+        }
+        if (ev.type == YAML_SCALAR_EVENT)
+            rc = add_sweep_value(w, key, (const char *)ev.data.scalar.value, line_of(&ev));
+        else
+            rc = spar__err_set(w->err, SPAR_EINVAL, "%s:%d: sweep: key %s: values must be plain",
+                               w->path, line_of(&ev), key);
+        yaml_event_delete(&ev);
+        SPAR_TRY(rc);
+    }
+}
+
 /* The value event after key `key` (already joined with the prefix). */
 static int walk_value(walker *w, const char *key, int depth) {
     yaml_event_t ev;
@@ -56,6 +105,11 @@ static int walk_value(walker *w, const char *key, int depth) {
                              "%s:%d: key %s: anchors and aliases are not "
                              "supported",
                              w->path, line, key);
+    }
+    if (strncmp(key, "sweep.", 6) == 0 && ev.type != YAML_MAPPING_START_EVENT) {
+        rc = walk_sweep(w, key + 6, &ev);
+        yaml_event_delete(&ev);
+        return rc;
     }
     switch (ev.type) {
     case YAML_SCALAR_EVENT:

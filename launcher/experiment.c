@@ -147,3 +147,38 @@ enum spar_partition_kind spar__partition_kind(const char *name) {
     if (strcmp(name, "stripe") == 0) return SPAR_PARTITION_STRIPE;
     return SPAR_PARTITION_CONTIGUOUS;
 }
+
+int spar__experiment_setup(spar_experiment *x, spar_comm *comm, const spar_config *cfg) {
+    int rank = spar_comm_rank(comm), p = spar_comm_size(comm), worst = 0;
+    *x = (spar_experiment){.method = spar_method_find(cfg->v[SPAR_KEY_PAR_METHOD].s),
+                           .backward = cfg->v[SPAR_KEY_RUN_BACKWARD].b};
+    bool whole = x->method->whole_sequence;
+    int64_t n = cfg->v[SPAR_KEY_SEQ_LENGTH].i;
+    spar_partition_init(&x->part,
+                        whole ? SPAR_PARTITION_CONTIGUOUS
+                              : spar__partition_kind(cfg->v[SPAR_KEY_SEQ_PARTITION].s),
+                        n, whole ? 1 : p);
+    int heads = (int)cfg->v[SPAR_KEY_ATTN_HEADS].i, rc = SPAR_ENOMEM;
+    if ((x->decay = malloc(sizeof(double) * (size_t)heads))) {
+        spar__decay_from_config(cfg, heads, x->decay);
+        spar__problem_from_config(cfg, &x->part, x->decay, &x->prob);
+        x->t0 = spar_comm_wtime();
+        x->prob.progress_ctx = &x->t0;
+        spar_kernels_set_threads((int)cfg->v[SPAR_KEY_RUN_THREADS].i);
+        int64_t n_local = whole ? (rank == 0 ? n : 0) : spar_partition_local_len(&x->part, rank);
+        rc = n_local > 0 ? spar__tensors_alloc(&x->t, n_local, &x->prob, x->backward) : SPAR_OK;
+        if (rc == 0 && n_local > 0)
+            rc = spar__tensors_load(whole ? NULL : comm, cfg, &x->part, &x->t);
+    }
+    x->t.backward = x->backward;
+    x->t.linear = x->prob.type == SPAR_ATTN_LINEAR;
+    if (spar_comm_agree(comm, rc, &worst) != 0) worst = SPAR_ECOMM;
+    if (worst != 0) spar__experiment_free(x);
+    return worst;
+}
+
+void spar__experiment_free(spar_experiment *x) {
+    spar__tensors_free(&x->t);
+    free(x->decay);
+    x->decay = NULL;
+}

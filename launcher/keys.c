@@ -211,6 +211,13 @@ int spar__config_set(spar_config *cfg, const char *name, const char *text, enum 
     return SPAR_OK;
 }
 
+int spar__value_check(const char *name, const char *text, spar_err *err) {
+    int id = spar__key_find(name);
+    if (id < 0) return unknown_key(name, err);
+    spar_value v;
+    return parse_value(&spar__keys[id], text, &v, err);
+}
+
 int spar__config_set_arg(spar_config *cfg, const char *assignment, spar_err *err) {
     const char *eq = strchr(assignment, '=');
     if (!eq || eq == assignment)

@@ -118,11 +118,22 @@ typedef struct spar_value {
     char s[1024];
 } spar_value;
 
+/* A `sweep:` block: lists of values for some keys; their grid is run in one job. */
+#define SPAR_SWEEP_KEYS 8
+#define SPAR_SWEEP_VALUES 32
+typedef struct spar_sweep {
+    int nkeys;
+    int key[SPAR_SWEEP_KEYS];
+    int nvalues[SPAR_SWEEP_KEYS];
+    char value[SPAR_SWEEP_KEYS][SPAR_SWEEP_VALUES][64];
+} spar_sweep;
+
 typedef struct spar_config {
     spar_value v[SPAR_KEY_COUNT];
     enum spar_origin origin[SPAR_KEY_COUNT];
     int line[SPAR_KEY_COUNT]; /* line in the file where the key was set */
     char file[1024];
+    spar_sweep sweep; /* from the file; not part of the run plan */
 } spar_config;
 
 /* Error text is written to err (one line naming the key, the value and what is
@@ -145,7 +156,11 @@ void spar__value_format(const spar_config *cfg, int id, char *out, size_t len);
 int spar__config_recheck(const spar_config *cfg, spar_err *err);
 const char *spar__origin_name(enum spar_origin origin);
 
-/* config_yaml.c: every scalar of the file under its dotted key. */
+/* Checks that text is a valid value of key `name` (as --set would parse it). */
+int spar__value_check(const char *name, const char *text, spar_err *err);
+
+/* config_yaml.c: every scalar of the file under its dotted key; `sweep:` lists into
+ * cfg->sweep. */
 int spar__config_load_yaml(spar_config *cfg, const char *path, spar_err *err);
 
 /* validate.c: cross-key rules; world_size 0 = not known (config check). */
@@ -226,6 +241,20 @@ void spar__decay_from_config(const spar_config *cfg, int heads, double *decay);
 void spar__problem_from_config(const spar_config *cfg, const spar_partition *part,
                                const double *decay, spar_attn_problem *prob);
 enum spar_partition_kind spar__partition_kind(const char *name);
+
+/* One experiment on this rank: the plan's partition, problem and loaded tensors. */
+typedef struct spar_experiment {
+    spar_partition part;
+    spar_attn_problem prob;
+    double *decay; /* [heads], the problem's */
+    const spar_method *method;
+    bool backward;
+    spar_tensors t;
+    double t0; /* start of the progress clock */
+} spar_experiment;
+/* Collective: builds and loads everything; returns the status every rank agreed on. */
+int spar__experiment_setup(spar_experiment *x, spar_comm *comm, const spar_config *cfg);
+void spar__experiment_free(spar_experiment *x);
 
 /* report.c */
 typedef struct spar_pass_result {

@@ -136,8 +136,7 @@ static int report(spar_comm *comm, const spar_config *cfg, const spar_run_result
     return worst == SPAR_EVERIFY ? SPAR_EXIT_VERIFY : worst ? SPAR_EXIT_FAILURE : SPAR_EXIT_OK;
 }
 
-static int finish(spar_tensors *t, spar_run_result *res, int code) {
-    spar__tensors_free(t);
+static int finish(spar_run_result *res, int code) {
     free(res->fwd.bytes_sent);
     free(res->bwd.bytes_sent);
     free(res->peak_mib);
@@ -147,60 +146,35 @@ static int finish(spar_tensors *t, spar_run_result *res, int code) {
 
 /* Everything after the plan is known on every rank. Returns an exit code. */
 int spar__run_plan(spar_comm *comm, const spar_config *cfg) {
-    int rank = spar_comm_rank(comm), p = spar_comm_size(comm), worst = 0;
-    const spar_method *method = spar_method_find(cfg->v[SPAR_KEY_PAR_METHOD].s);
-    bool whole = method->whole_sequence, backward = cfg->v[SPAR_KEY_RUN_BACKWARD].b;
-    int64_t n = cfg->v[SPAR_KEY_SEQ_LENGTH].i;
-    spar_partition part;
-    spar_partition_init(&part,
-                        whole ? SPAR_PARTITION_CONTIGUOUS
-                              : spar__partition_kind(cfg->v[SPAR_KEY_SEQ_PARTITION].s),
-                        n, whole ? 1 : p);
-    spar_attn_problem prob;
-    int heads = (int)cfg->v[SPAR_KEY_ATTN_HEADS].i;
-    double *decay = malloc(sizeof(double) * (size_t)heads);
-    if (!decay) return SPAR_EXIT_FAILURE; /* every rank: the same small allocation */
-    spar__decay_from_config(cfg, heads, decay);
-    spar__problem_from_config(cfg, &part, decay, &prob);
-    double t0 = spar_comm_wtime();
-    prob.progress_ctx = &t0;
-    spar__print_settings(cfg, p, spar_comm_transport(comm));
-    spar_kernels_set_threads((int)cfg->v[SPAR_KEY_RUN_THREADS].i);
-
-    spar_tensors t = {0};
-    int64_t n_local = whole ? (rank == 0 ? n : 0) : spar_partition_local_len(&part, rank);
-    int rc = n_local > 0 ? spar__tensors_alloc(&t, n_local, &prob, backward) : SPAR_OK;
-    if (rc == 0 && n_local > 0) rc = spar__tensors_load(whole ? NULL : comm, cfg, &part, &t);
-    if (spar_comm_agree(comm, rc, &worst) != 0 || worst != 0) {
-        spar__tensors_free(&t);
-        free(decay);
-        return spar_status_is_input_error(worst) ? SPAR_EXIT_BAD_INPUT : SPAR_EXIT_FAILURE;
-    }
-    t.backward = backward;
-    t.linear = prob.type == SPAR_ATTN_LINEAR;
+    int rank = spar_comm_rank(comm), worst = 0;
+    spar__print_settings(cfg, spar_comm_size(comm), spar_comm_transport(comm));
+    spar_experiment x;
+    int rc = spar__experiment_setup(&x, comm, cfg);
+    if (rc != 0) return spar_status_is_input_error(rc) ? SPAR_EXIT_BAD_INPUT : SPAR_EXIT_FAILURE;
     spar_metrics m[2];
     memset(m, 0, sizeof m);
     spar_run_result res = {
         .cfg = cfg, .transport = spar_comm_transport(comm), .library = spar_comm_library(comm)};
-    for (int pass = 0; pass < (backward ? 2 : 1); pass++) {
-        if ((rc = spar__run_pass(comm, method, &prob, &t, pass == 1, &m[pass])) != 0) {
-            spar_log_error("%s %s pass failed (%s); stopping every rank", method->name,
+    for (int pass = 0; pass < (x.backward ? 2 : 1); pass++) {
+        if ((rc = spar__run_pass(comm, x.method, &x.prob, &x.t, pass == 1, &m[pass])) != 0) {
+            spar_log_error("%s %s pass failed (%s); stopping every rank", x.method->name,
                            pass ? "backward" : "forward", spar_strerror(rc));
             spar_comm_abort(comm, SPAR_EXIT_FAILURE);
         }
     }
     /* From here a failure on one rank cannot be agreed on safely (the others may be
      * inside a gather with it), except for output writing, which drains regardless. */
-    if (collect_figures(comm, m, backward, &res) != 0) spar_comm_abort(comm, SPAR_EXIT_FAILURE);
-    rc = (!whole || rank == 0) ? write_outputs(comm, cfg, &part, &prob.dims, &t) : SPAR_OK;
+    if (collect_figures(comm, m, x.backward, &res) != 0) spar_comm_abort(comm, SPAR_EXIT_FAILURE);
+    bool whole = x.method->whole_sequence;
+    rc = (!whole || rank == 0) ? write_outputs(comm, cfg, &x.part, &x.prob.dims, &x.t) : SPAR_OK;
     int code = SPAR_EXIT_FAILURE;
     if (spar_comm_agree(comm, rc, &worst) == 0 && worst == 0) {
         if (cfg->v[SPAR_KEY_RUN_VERIFY].b && whole)
             spar_print0("# verify: the local method is the reference itself; nothing to compare\n");
-        else if (cfg->v[SPAR_KEY_RUN_VERIFY].b && verify(comm, cfg, &prob, &t, &res) != 0)
+        else if (cfg->v[SPAR_KEY_RUN_VERIFY].b && verify(comm, cfg, &x.prob, &x.t, &res) != 0)
             spar_comm_abort(comm, SPAR_EXIT_FAILURE);
         code = report(comm, cfg, &res);
     }
-    free(decay);
-    return finish(&t, &res, code);
+    spar__experiment_free(&x);
+    return finish(&res, code);
 }
