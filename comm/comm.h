@@ -6,7 +6,9 @@
  * reduce-scatter that the engine posts before it computes; small collectives for
  * agreeing on errors and gathering figures; point-to-point sends for tensor I/O;
  * per-rank byte counters.
- * Buffers of any size: messages above 1 GiB travel in pieces.
+ * Sizes: point-to-point messages above 1 GiB travel in pieces (up to 32 GiB per
+ * operation); a collective takes up to 2^31-1 floats per call (the engine splits its
+ * collectives by head group).
  *
  * Transport: before MPI_Init, spar_comm_prepare_transport picks Open MPI's UCX PML
  * (with any UCX transport, so that TCP/shared-memory hosts qualify) when UCX works on

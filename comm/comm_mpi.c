@@ -125,14 +125,20 @@ int spar_comm_init(spar_comm **out, int *argc, char ***argv) {
                                        "srun --mpi=pmix?)");
     }
     spar_comm *comm = calloc(1, sizeof *comm);
-    if (!comm) return SPAR_ENOMEM;
+    if (!comm) {
+        MPI_Finalize();
+        return SPAR_ENOMEM;
+    }
     comm->world = MPI_COMM_WORLD;
-    SPAR_MPI_CHECK(MPI_Comm_set_errhandler(comm->world, MPI_ERRORS_RETURN));
-    SPAR_MPI_CHECK(MPI_Comm_rank(comm->world, &comm->rank));
-    SPAR_MPI_CHECK(MPI_Comm_size(comm->world, &comm->size));
-    SPAR_MPI_CHECK(MPI_Get_processor_name(comm->host, &len));
     char version[MPI_MAX_LIBRARY_VERSION_STRING];
-    SPAR_MPI_CHECK(MPI_Get_library_version(version, &len));
+    if (MPI_Comm_set_errhandler(comm->world, MPI_ERRORS_RETURN) != MPI_SUCCESS ||
+        MPI_Comm_rank(comm->world, &comm->rank) != MPI_SUCCESS ||
+        MPI_Comm_size(comm->world, &comm->size) != MPI_SUCCESS ||
+        MPI_Get_processor_name(comm->host, &len) != MPI_SUCCESS ||
+        MPI_Get_library_version(version, &len) != MPI_SUCCESS) {
+        spar_comm_free(comm);
+        return spar_errorf(SPAR_ECOMM, "MPI started but could not describe this process");
+    }
     version[strcspn(version, "\n,")] = '\0';
     snprintf(comm->library, sizeof comm->library, "%s", version);
     read_fault_hook(comm);
@@ -247,6 +253,16 @@ static int op_new(spar_comm_op **op) {
     return *op ? SPAR_OK : SPAR_ENOMEM;
 }
 
+/* An operation that failed halfway: the requests already posted are cancelled, so that
+ * MPI never writes into a buffer the caller is about to free. */
+static void op_cancel(spar_comm_op *op) {
+    for (int i = 0; i < op->nreqs; i++) {
+        MPI_Cancel(&op->reqs[i]);
+        MPI_Request_free(&op->reqs[i]);
+    }
+    op->nreqs = 0;
+}
+
 static void op_free(spar_comm_op *op) {
     if (!op) return;
     free(op->counts);
@@ -285,6 +301,7 @@ int spar_comm_sendrecv_start(spar_comm *comm, int channel, const void *send, siz
     int rc =
         post_pair(comm, *op, RING_TAG + channel, send, send_bytes, dest, recv, recv_bytes, src);
     if (rc != 0) {
+        op_cancel(*op);
         op_free(*op);
         *op = NULL;
         return rc;

@@ -7,7 +7,7 @@
  * job says where it came from.
  *
  * Defines: spar_status codes, spar_strerror, SPAR_TRY, SPAR_CHECK_GENERIC,
- *          spar_log_*, spar_errorf, spar_last_error.
+ *          spar_log_*, spar_errorf, spar_print0.
  * Leaves out: anything about MPI or CUDA (their check macros live in their rooms and
  *             call SPAR_CHECK_GENERIC).
  */

@@ -39,7 +39,7 @@ void spar__chunk_free(spar__chunk *c) {
 double spar_attn_flops(const spar_attn_problem *prob, int rank, bool backward) {
     const spar_partition *part = prob->part;
     if (prob->type == SPAR_ATTN_LINEAR) {
-        double d = prob->dims.head_dim, per_token = 2.0 * 64 * d + 4.0 * d * d;
+        double d = prob->dims.head_dim, per_token = 2.0 * SPAR_LINEAR_BLOCK * d + 4.0 * d * d;
         return (double)spar_partition_local_len(part, rank) * prob->dims.heads * per_token *
                (backward ? 2.0 : 1.0);
     }

@@ -151,12 +151,10 @@ static int lasp2_pass(chain *c, bool backward, spar_metrics *m) {
     }
     for (int s = 0; s < c->size; s++)
         counts[s] = c->sf;
-    if (backward)
-        spar_linear_dstate(&c->ld, causal, c->len, io->q, io->dout, c->mine);
-    else
-        spar_linear_state(&c->ld, causal, c->len, io->k, io->v, c->mine);
+    int rc = backward ? spar_linear_dstate(&c->ld, causal, c->len, io->q, io->dout, c->mine)
+                      : spar_linear_state(&c->ld, causal, c->len, io->k, io->v, c->mine);
     spar_comm_op *op = NULL;
-    int rc = spar_comm_allgather_start(c->comm, c->mine, gathered, counts, &op);
+    if (rc == 0) rc = spar_comm_allgather_start(c->comm, c->mine, gathered, counts, &op);
     double t0 = spar__now();
     if (rc == 0) rc = within_chunk(c, backward);
     double compute = spar__now() - t0;
@@ -221,10 +219,8 @@ static int lasp1_chain(chain *c, bool backward, spar_metrics *m) {
                                           from, &op));
     else
         memset(incoming, 0, bytes);
-    if (backward)
-        spar_linear_dstate(&c->ld, true, c->len, io->q, io->dout, c->mine);
-    else
-        spar_linear_state(&c->ld, true, c->len, io->k, io->v, c->mine);
+    SPAR_TRY(backward ? spar_linear_dstate(&c->ld, true, c->len, io->q, io->dout, c->mine)
+                      : spar_linear_state(&c->ld, true, c->len, io->k, io->v, c->mine));
     double t0 = spar__now();
     SPAR_TRY(within_chunk(c, backward));
     m->compute_seconds = spar__now() - t0;
@@ -255,14 +251,16 @@ static int lasp1_chain(chain *c, bool backward, spar_metrics *m) {
 static int lasp1_unmasked(chain *c, bool backward, spar_metrics *m) {
     const spar_attn_io *io = c->io;
     float *t = io->states; /* forward: T for both passes */
+    double t0 = spar__now();
     SPAR_TRY(within_chunk(c, backward));
+    m->compute_seconds = spar__now() - t0;
     if (!backward) {
-        spar_linear_state(&c->ld, false, c->len, io->k, io->v, c->mine);
+        SPAR_TRY(spar_linear_state(&c->ld, false, c->len, io->k, io->v, c->mine));
         SPAR_TRY(rotate_sum(c, t, m));
         spar_linear_fwd_state(&c->ld, false, c->len, io->q, t, io->o);
         return SPAR_OK;
     }
-    spar_linear_dstate(&c->ld, false, c->len, io->q, io->dout, c->mine);
+    SPAR_TRY(spar_linear_dstate(&c->ld, false, c->len, io->q, io->dout, c->mine));
     SPAR_TRY(rotate_sum(c, c->s_in, m)); /* dT */
     spar_linear_bwd_state(&c->ld, false, c->len, io->k, io->v, io->dout, t, c->s_in, io->dq, io->dk,
                           io->dv);
@@ -314,18 +312,19 @@ int spar__linear_local(const spar_attn_problem *prob, const spar_attn_io *io, bo
     float *t = malloc(sizeof(float) * (size_t)sf * 2);
     if (!t) return SPAR_ENOMEM;
     int64_t nq = n * ld.heads * ld.head_dim, nkv = n * ld.kv_heads * ld.head_dim;
-    spar_linear_state(&ld, false, n, io->k, io->v, t);
-    if (!backward) {
+    int rc = spar_linear_state(&ld, false, n, io->k, io->v, t);
+    if (rc == 0 && !backward) {
         memset(io->o, 0, sizeof(float) * (size_t)nq);
         spar_linear_fwd_state(&ld, false, n, io->q, t, io->o);
-    } else {
+    } else if (rc == 0) {
         memset(io->dq, 0, sizeof(float) * (size_t)nq);
         memset(io->dk, 0, sizeof(float) * (size_t)nkv);
         memset(io->dv, 0, sizeof(float) * (size_t)nkv);
-        spar_linear_dstate(&ld, false, n, io->q, io->dout, t + sf);
-        spar_linear_bwd_state(&ld, false, n, io->k, io->v, io->dout, t, t + sf, io->dq, io->dk,
-                              io->dv);
+        rc = spar_linear_dstate(&ld, false, n, io->q, io->dout, t + sf);
+        if (rc == 0)
+            spar_linear_bwd_state(&ld, false, n, io->k, io->v, io->dout, t, t + sf, io->dq, io->dk,
+                                  io->dv);
     }
     free(t);
-    return SPAR_OK;
+    return rc;
 }

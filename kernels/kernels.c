@@ -26,15 +26,14 @@ static int none_softmax(const spar_attn_dims *dims, bool causal, const spar_qblo
     return 0;
 }
 
-static int none_linear_fwd(const spar_linear_dims *dims, int64_t n, const float *q,
-                           const float *k, const float *v, float *o) {
+static int none_linear_fwd(const spar_linear_dims *dims, int64_t n, const float *q, const float *k,
+                           const float *v, float *o) {
     (void)dims, (void)n, (void)q, (void)k, (void)v, (void)o;
     return 0;
 }
 
-static int none_linear_bwd(const spar_linear_dims *dims, int64_t n, const float *q,
-                           const float *k, const float *v, const float *dout, float *dq,
-                           float *dk, float *dv) {
+static int none_linear_bwd(const spar_linear_dims *dims, int64_t n, const float *q, const float *k,
+                           const float *v, const float *dout, float *dq, float *dk, float *dv) {
     (void)dims, (void)n, (void)q, (void)k, (void)v, (void)dout, (void)dq, (void)dk, (void)dv;
     return 0;
 }

@@ -58,6 +58,9 @@ typedef struct spar_kvblock {
     float *dk, *dv;
 } spar_kvblock;
 
+/* Tokens per block of the blocked linear-attention kernel (intra-block products). */
+#define SPAR_LINEAR_BLOCK 64
+
 /* Linear attention (DESIGN.md 3.4-3.5): O = (Q K^T (.) D) V with D_ij = decay^(i-j) for
  * j <= i (causal), O = Q (K^T V) otherwise; no softmax, no scale. The functions work on
  * one contiguous segment of n tokens (local index i = 0..n-1), dense layout:
@@ -95,18 +98,19 @@ typedef struct spar_kernels {
 } spar_kernels;
 
 /* The segment's memory state m[s] = sum_j c_j k_j^T v_j, with c_j = lambda_s^(n-1-j)
- * (causal) or 1. m: [state_heads, d, d], overwritten. */
-void spar_linear_state(const spar_linear_dims *dims, bool causal, int64_t n, const float *k,
-                       const float *v, float *m);
+ * (causal) or 1. m: [state_heads, d, d], overwritten. Returns 0 or SPAR_ENOMEM. */
+int spar_linear_state(const spar_linear_dims *dims, bool causal, int64_t n, const float *k,
+                      const float *v, float *m);
 
 /* The state entering the segment, s: o_i += c_i q_i s, c_i = lambda^(i+1) (causal) or 1. */
 void spar_linear_fwd_state(const spar_linear_dims *dims, bool causal, int64_t n, const float *q,
                            const float *s, float *o);
 
 /* The gradient of the entering state: ds[s] = sum over the state's query heads of
- * sum_i c_i q_i^T dout_i, c_i = lambda^(i+1) (causal) or 1. ds overwritten. */
-void spar_linear_dstate(const spar_linear_dims *dims, bool causal, int64_t n, const float *q,
-                        const float *dout, float *ds);
+ * sum_i c_i q_i^T dout_i, c_i = lambda^(i+1) (causal) or 1. ds overwritten. Returns 0 or
+ * SPAR_ENOMEM. */
+int spar_linear_dstate(const spar_linear_dims *dims, bool causal, int64_t n, const float *q,
+                       const float *dout, float *ds);
 
 /* Gradients through the states: with s the state that entered the segment and dkv the
  * gradient of the segment's own memory state m (from later segments),

@@ -71,16 +71,20 @@ static int load_input(spar_comm *comm, const spar_config *cfg, const spar_partit
     const char *path = cfg->v[specs[i].input_key].s;
     spar_row_source src = {*path ? path : NULL, 0, (uint64_t)cfg->v[SPAR_KEY_DATA_SEED].i,
                            specs[i].stream};
+    int status = SPAR_OK;
     if (src.path && (!comm || spar_comm_rank(comm) == 0)) {
         spar_npy_info info;
         spar_err err;
+        /* A failure still takes part in the exchange below (zeros go out; the status comes
+         * back), so that the other ranks' receives stay matched. */
         if (spar__npy_read_info(src.path, &info, &err) != 0)
-            return spar_errorf(SPAR_EFORMAT, "%s", err.msg);
-        src.data_offset = info.data_offset;
+            status = spar_errorf(SPAR_EFORMAT, "%s", err.msg);
+        src.data_offset = status ? -1 : info.data_offset;
     }
     int64_t row = t->row[specs[i].rows];
-    return comm ? spar__rows_scatter(comm, part, &src, row, t->t[i])
-                : spar__rows_fill(&src, part, 0, row, t->t[i]);
+    int rc = comm ? spar__rows_scatter(comm, part, &src, row, t->t[i])
+                  : spar__rows_fill(&src, part, 0, row, t->t[i]);
+    return status ? status : rc;
 }
 
 /* Inputs for this rank (or the whole sequence when comm is NULL and part has one rank).

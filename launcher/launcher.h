@@ -77,6 +77,10 @@ enum spar_key_type { SPAR_KT_BOOL, SPAR_KT_INT, SPAR_KT_FLOAT, SPAR_KT_ENUM, SPA
     X(RUN_NAME, "run.name", STRING, "", "any text", 0, 0, "a label carried into the record")       \
     X(RUN_BACKWARD, "run.backward", BOOL, "false", "true|false", 0, 0,                             \
       "run the backward pass after the forward pass")                                              \
+    X(BENCH_WARMUP, "bench.warmup", INT, "1", "integer >= 0", 0, 1000,                             \
+      "spar bench: unmeasured runs before the measured ones")                                      \
+    X(BENCH_REPEATS, "bench.repeats", INT, "5", "integer >= 1", 1, 10000,                          \
+      "spar bench: measured runs; the table shows their median and spread")                        \
     X(RUN_VERIFY, "run.verify", BOOL, "false", "true|false", 0, 0,                                 \
       "recompute on rank 0 with the local method and report the error")                            \
     X(RUN_VERIFY_TOL, "run.verify_tol", FLOAT, "1e-4", "number > 0", 1e-30, 1.0,                   \
@@ -109,7 +113,12 @@ typedef struct spar_key {
 
 extern const spar_key spar__keys[SPAR_KEY_COUNT];
 
-enum spar_origin { SPAR_FROM_DEFAULT = 0, SPAR_FROM_FILE = 1, SPAR_FROM_COMMAND_LINE = 2 };
+enum spar_origin {
+    SPAR_FROM_DEFAULT = 0,
+    SPAR_FROM_FILE = 1,
+    SPAR_FROM_COMMAND_LINE = 2,
+    SPAR_FROM_SWEEP = 3
+};
 
 typedef struct spar_value {
     bool b;
@@ -168,7 +177,9 @@ int spar__config_validate(spar_config *cfg, int world_size, spar_err *err);
 
 /* plan.c: RunPlan packing. *out is malloc'ed. */
 int spar__plan_pack(const spar_config *cfg, int world_size, uint8_t **out, size_t *len);
-int spar__plan_unpack(spar_config *cfg, const uint8_t *buf, size_t len, spar_err *err);
+/* world_size > 0: the plan must have been made for that many ranks. */
+int spar__plan_unpack(spar_config *cfg, const uint8_t *buf, size_t len, int world_size,
+                      spar_err *err);
 
 /* npy.c */
 typedef struct spar_npy_info {
@@ -281,6 +292,15 @@ double spar__max_error(const spar_run_result *res);
 void spar__print_settings(const spar_config *cfg, int ranks, const char *transport);
 void spar__print_result_table(const spar_run_result *res);
 int spar__append_record(const char *path, const spar_run_result *res);
+/* The fields every record shares (no braces): versions, time, settings, hosts [ranks][64],
+ * MPI library and transport. */
+void spar__json_common(FILE *f, const spar_config *cfg, int ranks, const char *hosts,
+                       const char *library, const char *transport);
+/* One whole line appended with a single write() (O_APPEND): never interleaved or torn. */
+int spar__append_line(const char *path, const char *line, size_t len);
+
+/* bench.c: one point of a benchmark grid on every rank (plan in cfg); returns a status. */
+int spar__bench_point(spar_comm *comm, const spar_config *cfg, int index, int count);
 void spar__config_print(const spar_config *cfg, bool with_origin);
 void spar__print_key_help(void);
 void spar__print_schema_markdown(void);

@@ -72,7 +72,8 @@ static int unpack_setting(spar_config *cfg, const Spar__Setting *s, bool *seen, 
     return SPAR_OK;
 }
 
-int spar__plan_unpack(spar_config *cfg, const uint8_t *buf, size_t len, spar_err *err) {
+int spar__plan_unpack(spar_config *cfg, const uint8_t *buf, size_t len, int world_size,
+                      spar_err *err) {
     Spar__RunPlan *plan = spar__run_plan__unpack(NULL, len, buf);
     if (!plan)
         return spar__err_set(err, SPAR_EFORMAT, "run plan: message of %zu bytes does not decode",
@@ -83,6 +84,12 @@ int spar__plan_unpack(spar_config *cfg, const uint8_t *buf, size_t len, spar_err
     if (plan->schema != PLAN_SCHEMA) {
         rc = spar__err_set(err, SPAR_EFORMAT, "run plan: schema %u, this spar reads %d",
                            plan->schema, PLAN_SCHEMA);
+        goto done;
+    }
+    if (world_size > 0 && plan->world_size != world_size) {
+        rc =
+            spar__err_set(err, SPAR_EFORMAT, "run plan: made for %d ranks, received by a job of %d",
+                          plan->world_size, world_size);
         goto done;
     }
     snprintf(cfg->file, sizeof cfg->file, "%s", plan->config_file ? plan->config_file : "");

@@ -171,46 +171,56 @@ static void json_settings(FILE *f, const spar_config *cfg) {
 
 /* One record, written with a single write() on an O_APPEND file so that a record is
  * never interleaved with another writer's or left half-written by us. */
+void spar__json_common(FILE *f, const spar_config *cfg, int ranks, const char *hosts,
+                       const char *library, const char *transport) {
+    char when[32];
+    time_t now = time(NULL);
+    strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", gmtime(&now));
+    fprintf(f, "\"spar_version\":\"%s\",\"git_commit\":\"%s\",\"time\":\"%s\",", SPAR_VERSION,
+            SPAR_GIT_COMMIT, when);
+    json_settings(f, cfg);
+    fprintf(f, ",\"config_file\":");
+    json_string(f, cfg->file);
+    fputs(",\"hosts\":[", f);
+    for (int r = 0; r < ranks; r++) {
+        if (r) fputc(',', f);
+        json_string(f, hosts + 64 * r);
+    }
+    fputs("],\"transport\":", f);
+    json_string(f, transport);
+    fputs(",\"mpi_library\":", f);
+    json_string(f, library);
+}
+
+int spar__append_line(const char *path, const char *line, size_t len) {
+    int rc = SPAR_OK, fd = open(path, O_WRONLY | O_CREAT | O_APPEND, 0644);
+    if (fd < 0 || write(fd, line, len) != (ssize_t)len)
+        rc = spar_errorf(SPAR_EIO, "key output.results: cannot append to '%s': %s", path,
+                         strerror(errno));
+    if (fd >= 0) close(fd);
+    return rc;
+}
+
 int spar__append_record(const char *path, const spar_run_result *res) {
     char *buf = NULL;
     size_t len = 0;
     FILE *f = open_memstream(&buf, &len);
     if (!f) return SPAR_ENOMEM;
-    char when[32];
-    time_t now = time(NULL);
-    strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", gmtime(&now));
-    fprintf(f, "{\"spar_version\":\"%s\",\"git_commit\":\"%s\",\"time\":\"%s\",", SPAR_VERSION,
-            SPAR_GIT_COMMIT, when);
-    json_settings(f, res->cfg);
-    fprintf(f, ",\"config_file\":");
-    json_string(f, res->cfg->file);
+    fputs("{\"record\":\"run\",", f);
+    spar__json_common(f, res->cfg, res->ranks, res->hosts, res->library, res->transport);
     fprintf(f, ",\"ranks\":%d", res->ranks);
     json_pass(f, "forward", &res->fwd, res->ranks);
     json_pass(f, "backward", &res->bwd, res->ranks);
     json_array(f, "peak_mib_per_rank", res->peak_mib, res->ranks);
-    fputs(",\"hosts\":[", f);
-    for (int r = 0; r < res->ranks; r++) {
-        if (r) fputc(',', f);
-        json_string(f, res->hosts + 64 * r);
-    }
-    fprintf(f, "],\"verified\":%s,\"rel_err\":{", res->verified ? "true" : "false");
+    fprintf(f, ",\"verified\":%s,\"rel_err\":{", res->verified ? "true" : "false");
     static const char *names[SPAR_ERR_COUNT] = {"o", "lse", "dq", "dk", "dv"};
     for (int i = 0; i < SPAR_ERR_COUNT; i++) {
         fprintf(f, "%s\"%s\":", i ? "," : "", names[i]);
         json_number(f, res->verified ? res->err[i] : NAN);
     }
-    fputc('}', f);
-    fputs(",\"transport\":", f);
-    json_string(f, res->transport);
-    fputs(",\"mpi_library\":", f);
-    json_string(f, res->library);
-    fputs("}\n", f);
+    fputs("}}\n", f);
     fclose(f);
-    int rc = SPAR_OK, fd = open(path, O_WRONLY | O_CREAT | O_APPEND, 0644);
-    if (fd < 0 || write(fd, buf, len) != (ssize_t)len)
-        rc = spar_errorf(SPAR_EIO, "key output.results: cannot append to '%s': %s", path,
-                         strerror(errno));
-    if (fd >= 0) close(fd);
+    int rc = spar__append_line(path, buf, len);
     free(buf);
     return rc;
 }

@@ -63,18 +63,22 @@ static int verify(spar_comm *comm, const spar_config *cfg, const spar_attn_probl
     return rc;
 }
 
+/* Every output in turn; after a failure the later files are still gone through (rank 0
+ * drains what the others send) so that no rank is left waiting. Returns the first error. */
 static int write_outputs(spar_comm *comm, const spar_config *cfg, const spar_partition *part,
                          const spar_attn_dims *dims, const spar_tensors *t) {
+    int status = SPAR_OK;
     for (int i = T_O; i < T_COUNT; i++) {
         const char *path = cfg->v[spar__tensor_spec(i)->output_key].s;
         if (!*path || !spar__tensor_in_use(t, i)) continue;
         int64_t shape[3] = {part->n,
                             spar__tensor_spec(i)->rows == ROW_KV ? dims->kv_heads : dims->heads,
                             dims->head_dim};
-        SPAR_TRY(spar__rows_write_npy(
-            comm, part, path, spar__tensor_spec(i)->rows == ROW_LSE ? 2 : 3, shape, t->t[i]));
+        int rc = spar__rows_write_npy(
+            comm, part, path, spar__tensor_spec(i)->rows == ROW_LSE ? 2 : 3, shape, t->t[i]);
+        status = status ? status : rc;
     }
-    return SPAR_OK;
+    return status;
 }
 
 /* One pass's figures: per-rank bytes to rank 0, slowest time and total flops everywhere. */

@@ -57,7 +57,9 @@ int spar__rows_fill(const spar_row_source *src, const spar_partition *part, int 
     if (!seg) return SPAR_ENOMEM;
     spar_partition_segments(part, rank, seg);
     int rc = SPAR_OK, fd = -1;
-    if (src->path && (fd = open(src->path, O_RDONLY)) < 0)
+    if (src->path && src->data_offset < 0)
+        rc = SPAR_EFORMAT; /* the header was refused already (and reported) */
+    else if (src->path && (fd = open(src->path, O_RDONLY)) < 0)
         rc = spar_errorf(SPAR_EIO, "cannot open '%s': %s", src->path, strerror(errno));
     uint64_t key = splitmix64(src->seed * 0x100000001B3ull + src->stream);
     for (int64_t s = 0; s < nseg && rc == 0; s++) {
@@ -84,7 +86,10 @@ int spar__rows_scatter(spar_comm *comm, const spar_partition *part, const spar_r
                               0, TAG_ROWS);
     int status = SPAR_OK;
     float *tmp = malloc((size_t)spar_partition_max_local_len(part) * row_bytes);
-    if (!tmp) return SPAR_ENOMEM; /* the launcher aborts: the other ranks are waiting */
+    if (!tmp) { /* the other ranks are waiting in their receives: end the job */
+        spar_log_error("cannot allocate %zu bytes to send rows", row_bytes);
+        spar_comm_abort(comm, SPAR_EXIT_FAILURE);
+    }
     for (int r = 1; r < part->ranks; r++) {
         size_t bytes = (size_t)spar_partition_local_len(part, r) * row_bytes;
         int rc = spar__rows_fill(src, part, r, row_floats, tmp);

@@ -60,6 +60,11 @@ static int check_methods(spar_config *cfg, spar_err *err) {
 /* Keys that belong to the other attention type are refused rather than ignored. */
 static int check_type_keys(const spar_config *cfg, spar_err *err) {
     bool linear = strcmp(key_str(cfg, SPAR_KEY_ATTN_TYPE), "linear") == 0;
+    if (linear && key_int(cfg, SPAR_KEY_ATTN_HEAD_DIM) > 1024) /* d x d states per head */
+        return spar__err_set(err, SPAR_EINVAL,
+                             "key attention.head_dim: %lld with attention.type=linear (allowed: "
+                             "at most 1024; each head keeps a d x d state)",
+                             (long long)key_int(cfg, SPAR_KEY_ATTN_HEAD_DIM));
     if (linear && !isnan(cfg->v[SPAR_KEY_ATTN_SCALE].f))
         return spar__err_set(err, SPAR_EINVAL,
                              "key attention.scale: %g with attention.type=linear (allowed: auto; "

@@ -27,7 +27,7 @@ int spar__linear_bwd_local_scalar(const spar_linear_dims *dims, int64_t n, const
                                   float *dk, float *dv);
 
 /* Blocked (Lightning-style) with blocks of SPAR__LINEAR_BLOCK tokens. */
-#define SPAR__LINEAR_BLOCK 64
+#define SPAR__LINEAR_BLOCK SPAR_LINEAR_BLOCK
 int spar__linear_fwd_local_blocked(const spar_linear_dims *dims, int64_t n, const float *q,
                                    const float *k, const float *v, float *o);
 int spar__linear_bwd_local_blocked(const spar_linear_dims *dims, int64_t n, const float *q,

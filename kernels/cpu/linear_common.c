@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "kernels.h"
+#include "spar_status.h"
 
 /* Query heads per state head (1 when states are per query head). */
 static int heads_per_state(const spar_linear_dims *dims) {
@@ -25,11 +26,12 @@ static double decay_of_state(const spar_linear_dims *dims, int s) {
     return dims->decay[s * heads_per_state(dims)];
 }
 
-void spar_linear_state(const spar_linear_dims *dims, bool causal, int64_t n, const float *k,
-                       const float *v, float *m) {
-    int d = dims->head_dim, g_count = dims->kv_heads;
-    double *acc = calloc((size_t)d * (size_t)d, sizeof(double));
-    for (int s = 0; s < dims->state_heads && acc; s++) {
+int spar_linear_state(const spar_linear_dims *dims, bool causal, int64_t n, const float *k,
+                      const float *v, float *m) {
+    int64_t d = dims->head_dim, g_count = dims->kv_heads;
+    double *acc = calloc((size_t)(d * d), sizeof(double));
+    if (!acc) return SPAR_ENOMEM;
+    for (int s = 0; s < dims->state_heads; s++) {
         int g = kv_of_state(dims, s);
         double lambda = decay_of_state(dims, s);
         memset(acc, 0, sizeof(double) * (size_t)d * (size_t)d);
@@ -40,11 +42,11 @@ void spar_linear_state(const spar_linear_dims *dims, bool causal, int64_t n, con
                 for (int b = 0; b < d; b++)
                     acc[a * d + b] += c * (double)kj[a] * (double)vj[b];
         }
-        for (int i = 0; i < d * d; i++)
-            m[(int64_t)s * d * d + i] = (float)acc[i];
+        for (int64_t i = 0; i < d * d; i++)
+            m[s * d * d + i] = (float)acc[i];
     }
-    if (!acc) memset(m, 0, sizeof(float) * (size_t)dims->state_heads * (size_t)(d * d));
     free(acc);
+    return SPAR_OK;
 }
 
 void spar_linear_fwd_state(const spar_linear_dims *dims, bool causal, int64_t n, const float *q,
@@ -66,14 +68,11 @@ void spar_linear_fwd_state(const spar_linear_dims *dims, bool causal, int64_t n,
     }
 }
 
-void spar_linear_dstate(const spar_linear_dims *dims, bool causal, int64_t n, const float *q,
-                        const float *dout, float *ds) {
+int spar_linear_dstate(const spar_linear_dims *dims, bool causal, int64_t n, const float *q,
+                       const float *dout, float *ds) {
     int d = dims->head_dim, h_count = dims->heads;
     double *acc = calloc((size_t)dims->state_heads * (size_t)d * (size_t)d, sizeof(double));
-    if (!acc) { /* allocation of a few d x d states: report zero rather than crash */
-        memset(ds, 0, sizeof(float) * (size_t)dims->state_heads * (size_t)(d * d));
-        return;
-    }
+    if (!acc) return SPAR_ENOMEM;
     for (int64_t i = 0; i < n; i++) {
         for (int h = 0; h < h_count; h++) {
             double c = causal ? pow(dims->decay[h], (double)(i + 1)) : 1.0;
@@ -87,6 +86,7 @@ void spar_linear_dstate(const spar_linear_dims *dims, bool causal, int64_t n, co
     for (int64_t i = 0; i < (int64_t)dims->state_heads * d * d; i++)
         ds[i] = (float)acc[i];
     free(acc);
+    return SPAR_OK;
 }
 
 /* dq_i += c_i dout_i s^T for every query row. */

@@ -55,6 +55,27 @@ t_fault_other_rank_absent() {
     expect_exit 0 3 '^# method' -- "${ARGS[@]}"
 }
 
+# A disk that fills while outputs are written: the first file fails, the job still ends
+# promptly on every rank (rank 0 drains the later files), exit 1, and nothing half-written
+# is left under any name. Needs root for a small tmpfs.
+t_disk_full_outputs() {
+    local small="$TMP/small"
+    mkdir -p "$small"
+    if [ "$(id -u)" -ne 0 ] || ! mount -t tmpfs -o size=64k tmpfs "$small" 2>/dev/null; then
+        echo "# skipped: mounting a small tmpfs needs root" >&2
+        return 0
+    fi
+    SPAR_TEST_TIMEOUT=$LIMIT
+    expect_exit 1 3 "writing '$small/o\.npy'.*No space left on device" -- \
+        run --set sequence.length=3000 --set attention.heads=4 --set attention.head_dim=8 \
+        --set run.backward=true --set output.o="$small/o.npy" --set output.dq="$TMP/dq.npy"
+    local left
+    left=$(ls -A "$small")
+    umount "$small"
+    [ -z "$left" ] || fail "files left in the full directory: $left"
+}
+
+case_run "disk full while writing outputs: prompt exit 1 on every rank, nothing half-written" t_disk_full_outputs
 case_run "SPAR_TEST_FAULT=ring:1 at -np 3: job ends within ${LIMIT} s, non-zero, names rank 1 and MPI_Isend" t_fault_rank1
 case_run "SPAR_TEST_FAULT=ring:0 at -np 3: names rank 0" t_fault_rank0
 case_run "SPAR_TEST_FAULT=ring:1 at -np 2: names rank 1" t_fault_rank1_np2

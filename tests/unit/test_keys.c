@@ -351,7 +351,7 @@ static void plan_pack_then_unpack_gives_every_key_back(void **state) {
         size_t len = 0;
         assert_int_equal(spar__plan_pack(&sent, 4, &buf, &len), SPAR_OK);
         memset(&got, 0x5a, sizeof got); /* garbage that unpack must overwrite */
-        assert_int_equal(spar__plan_unpack(&got, buf, len, &err), SPAR_OK);
+        assert_int_equal(spar__plan_unpack(&got, buf, len, 0, &err), SPAR_OK);
         for (int id = 0; id < SPAR_KEY_COUNT; id++) {
             char want[1100];
             snprintf(want, sizeof want, "%s", formatted(&sent, id));
@@ -368,7 +368,7 @@ static void plan_unpack_refuses_garbage_and_truncated_messages(void **state) {
     spar_err err = {""};
     uint8_t junk[64];
     memset(junk, 0xff, sizeof junk);
-    assert_int_equal(spar__plan_unpack(&cfg, junk, sizeof junk, &err), SPAR_EFORMAT);
+    assert_int_equal(spar__plan_unpack(&cfg, junk, sizeof junk, 0, &err), SPAR_EFORMAT);
     assert_true(err.msg[0] != '\0');
     uint64_t x = 88172645463325252ull;
     for (int trial = 0; trial < 200; trial++) {
@@ -376,7 +376,7 @@ static void plan_unpack_refuses_garbage_and_truncated_messages(void **state) {
             x ^= x << 13, x ^= x >> 7, x ^= x << 17;
             junk[i] = (uint8_t)x;
         }
-        assert_int_equal(spar__plan_unpack(&cfg, junk, 1 + (size_t)trial % sizeof junk, &err),
+        assert_int_equal(spar__plan_unpack(&cfg, junk, 1 + (size_t)trial % sizeof junk, 0, &err),
                          SPAR_EFORMAT);
     }
     spar__config_defaults(&cfg);
@@ -384,7 +384,7 @@ static void plan_unpack_refuses_garbage_and_truncated_messages(void **state) {
     size_t len = 0;
     assert_int_equal(spar__plan_pack(&cfg, 2, &buf, &len), SPAR_OK);
     for (size_t cut = 0; cut < len; cut++)
-        assert_int_equal(spar__plan_unpack(&cfg, buf, cut, &err), SPAR_EFORMAT);
+        assert_int_equal(spar__plan_unpack(&cfg, buf, cut, 0, &err), SPAR_EFORMAT);
     free(buf);
 }
 
