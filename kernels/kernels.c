@@ -51,13 +51,13 @@ const spar_kernels spar_kernels_none = {
 #include <omp.h>
 #include <stdlib.h>
 
-/* OpenBLAS sgemm for the softmax block products, blocked linear attention. */
+/* OpenBLAS sgemm for the block products of both attention types. */
 static const spar_kernels kernels_blas = {
     .name = "blas",
     .softmax_fwd_block = spar__softmax_fwd_block_blas,
     .softmax_bwd_block = spar__softmax_bwd_block_blas,
-    .linear_fwd_local = spar__linear_fwd_local_blocked,
-    .linear_bwd_local = spar__linear_bwd_local_blocked,
+    .linear_fwd_local = spar__linear_fwd_local_blas,
+    .linear_bwd_local = spar__linear_bwd_local_blas,
 };
 
 void openblas_set_num_threads(int num_threads); /* from OpenBLAS */
@@ -77,14 +77,15 @@ const spar_kernels *spar_kernels_select(const char *name) {
     if (!name || strcmp(name, "auto") == 0) return backends[0];
     for (size_t i = 0; i < count; i++)
         if (strcmp(backends[i]->name, name) == 0) return backends[i];
+    if (strcmp(name, "none") == 0) return &spar_kernels_none;
     return NULL;
 }
 
 const char *spar_kernels_names(void) {
 #ifdef SPAR_HAVE_BLAS
-    return "auto|blas|blocked|scalar";
+    return "auto|blas|blocked|scalar|none";
 #else
-    return "auto|blocked|scalar";
+    return "auto|blocked|scalar|none";
 #endif
 }
 

@@ -85,9 +85,10 @@ enum spar_key_type { SPAR_KT_BOOL, SPAR_KT_INT, SPAR_KT_FLOAT, SPAR_KT_ENUM, SPA
       "recompute on rank 0 with the local method and report the error")                            \
     X(RUN_VERIFY_TOL, "run.verify_tol", FLOAT, "1e-4", "number > 0", 1e-30, 1.0,                   \
       "largest relative L2 error that run.verify accepts (exit 3 beyond)")                         \
-    X(RUN_KERNEL, "run.kernel", ENUM, "auto", "auto|blas|blocked|scalar", 0, 0,                    \
+    X(RUN_KERNEL, "run.kernel", ENUM, "auto", "auto|blas|blocked|scalar|none", 0, 0,               \
       "kernel backend: blas (OpenBLAS block products, SIMD softmax), blocked, scalar (the "        \
-      "oracle); auto = the fastest this build has")                                                \
+      "oracle), none (no arithmetic: times communication and memory alone); auto = the "          \
+      "fastest this build has")                                                                    \
     X(RUN_THREADS, "run.threads", INT, "1", "integer >= 0; 0 = all cores", 0, 4096,                \
       "kernel threads per rank (ranks per host x threads should not exceed its cores)")            \
     X(RUN_QUERY_BLOCK, "run.query_block", INT, "256", "integer >= 1", 1, 1 << 30,                  \

@@ -33,6 +33,10 @@ static int check_methods(spar_config *cfg, spar_err *err) {
         return spar__err_set(err, SPAR_EUNSUP,
                              "key run.kernel: '%s' is not in this build (allowed: %s)",
                              key_str(cfg, SPAR_KEY_RUN_KERNEL), spar_kernels_names());
+    if (strcmp(key_str(cfg, SPAR_KEY_RUN_KERNEL), "none") == 0 && cfg->v[SPAR_KEY_RUN_VERIFY].b)
+        return spar__err_set(err, SPAR_EINVAL,
+                             "key run.verify: true with run.kernel=none (allowed: false; that "
+                             "kernel computes nothing)");
     bool linear = strcmp(key_str(cfg, SPAR_KEY_ATTN_TYPE), "linear") == 0;
     bool causal = cfg->v[SPAR_KEY_ATTN_CAUSAL].b;
     if (strcmp(key_str(cfg, SPAR_KEY_PAR_METHOD), "auto") == 0)

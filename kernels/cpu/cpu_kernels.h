@@ -20,6 +20,12 @@ int spar__softmax_fwd_block_blas(const spar_attn_dims *dims, bool causal, const 
 int spar__softmax_bwd_block_blas(const spar_attn_dims *dims, bool causal, const spar_qblock *qb,
                                  const spar_kvblock *kb);
 
+int spar__linear_fwd_local_blas(const spar_linear_dims *dims, int64_t n, const float *q,
+                                const float *k, const float *v, float *o);
+int spar__linear_bwd_local_blas(const spar_linear_dims *dims, int64_t n, const float *q,
+                                const float *k, const float *v, const float *dout, float *dq,
+                                float *dk, float *dv);
+
 int spar__linear_fwd_local_scalar(const spar_linear_dims *dims, int64_t n, const float *q,
                                   const float *k, const float *v, float *o);
 int spar__linear_bwd_local_scalar(const spar_linear_dims *dims, int64_t n, const float *q,

@@ -28,7 +28,15 @@
 #include "kernel_cases.h" // defines: kc_seed, kc_random_floats, kc_zero_floats, kc_to_double,
                           //          kc_check_close, kc_check_close_f, kc_max
 
-static const spar_kernels *const backends[2] = {&spar__kernels_scalar, &spar__kernels_blocked};
+/* The oracle, the blocked kernel, and whatever "auto" picks in this build (blas). */
+#define NB 3
+static const spar_kernels *backends[NB];
+
+static void init_backends(void) {
+    backends[0] = &spar__kernels_scalar;
+    backends[1] = &spar__kernels_blocked;
+    backends[2] = spar_kernels_select("auto");
+}
 
 /* --- the problem --------------------------------------------------------------------------- */
 
@@ -179,10 +187,10 @@ static const int64_t lengths[] = {1, 2, 63, 64, 65, 130, 200};
 static const int head_shapes[][2] = {{4, 2}, {3, 1}}; /* GQA, MQA */
 static const int head_dims[] = {1, 5, 24, 33};
 
-typedef void (*local_check)(const problem *p, double worst[2][3]);
+typedef void (*local_check)(const problem *p, double worst[NB][3]);
 
 /* Runs check over every length x head shape x head_dim x decay. */
-static void for_each_local_case(local_check check, double worst[2][3]) {
+static void for_each_local_case(local_check check, double worst[NB][3]) {
     uint64_t seed = 1;
     for (size_t ni = 0; ni < sizeof lengths / sizeof lengths[0]; ni++)
         for (int hs = 0; hs < 2; hs++)
@@ -197,12 +205,12 @@ static void for_each_local_case(local_check check, double worst[2][3]) {
 }
 
 /* worst[b][0]: backend b against the reference; worst[1][1]: blocked against scalar. */
-static void check_forward_case(const problem *p, double worst[2][3]) {
+static void check_forward_case(const problem *p, double worst[NB][3]) {
     double *ref = malloc(sizeof *ref * (size_t)q_count(p));
     assert_non_null(ref);
     ref_forward(p, true, p->qd, p->kd, p->vd, ref);
-    float *o[2];
-    for (int b = 0; b < 2; b++) {
+    float *o[NB];
+    for (int b = 0; b < NB; b++) {
         o[b] = nan_floats(q_count(p)); /* o is overwritten, every element */
         assert_int_equal(backends[b]->linear_fwd_local(&p->dims, p->n, p->q, p->k, p->v, o[b]),
                          SPAR_OK);
@@ -211,22 +219,24 @@ static void check_forward_case(const problem *p, double worst[2][3]) {
     }
     worst[1][1] = kc_max(worst[1][1], kc_check_close_f(label(p, "blocked vs scalar", "o"),
                                                        q_count(p), o[1], o[0], 1e-5));
-    free(o[0]), free(o[1]), free(ref);
+    for (int b = 0; b < NB; b++)
+        free(o[b]);
+    free(ref);
 }
 
 static void local_forward_of_both_backends_matches_float64_definition(void **state) {
     (void)state;
-    double worst[2][3] = {{0}};
+    double worst[NB][3] = {{0}};
     for_each_local_case(check_forward_case, worst);
-    printf("# fwd_local rel L2 vs float64: scalar %.2e, blocked %.2e; blocked vs scalar %.2e "
-           "(tol 1e-5)\n",
-           worst[0][0], worst[1][0], worst[1][1]);
+    printf("# fwd_local rel L2 vs float64: scalar %.2e, blocked %.2e, %s %.2e; blocked vs scalar "
+           "%.2e (tol 1e-5)\n",
+           worst[0][0], worst[1][0], backends[2]->name, worst[2][0], worst[1][1]);
 }
 
 /* worst[b][t]: backend b, gradient t, against the reference. */
-static void check_backward_case(const problem *p, double worst[2][3]) {
+static void check_backward_case(const problem *p, double worst[NB][3]) {
     ref_grads r = make_ref_grads(p, true);
-    for (int b = 0; b < 2; b++) {
+    for (int b = 0; b < NB; b++) {
         float *g[3] = {nan_floats(q_count(p)), nan_floats(kv_count(p)), nan_floats(kv_count(p))};
         assert_int_equal(backends[b]->linear_bwd_local(&p->dims, p->n, p->q, p->k, p->v, p->dout,
                                                        g[0], g[1], g[2]),
@@ -244,9 +254,9 @@ static void check_backward_case(const problem *p, double worst[2][3]) {
 
 static void local_backward_of_both_backends_matches_float64_gradients(void **state) {
     (void)state;
-    double worst[2][3] = {{0}};
+    double worst[NB][3] = {{0}};
     for_each_local_case(check_backward_case, worst);
-    for (int b = 0; b < 2; b++)
+    for (int b = 0; b < NB; b++)
         printf("# bwd_local %s rel L2 vs float64: dq %.2e, dk %.2e, dv %.2e (tol 1e-5)\n",
                backends[b]->name, worst[b][0], worst[b][1], worst[b][2]);
 }
@@ -269,7 +279,7 @@ static void local_backward_matches_finite_differences_of_the_loss(void **state) 
     p.decay[0] = p.decay[1] = 0.8;
     const double h = 1e-3;
     double worst = 0.0, largest = 0.0;
-    for (int b = 0; b < 2; b++) {
+    for (int b = 0; b < NB; b++) {
         float *g[3] = {nan_floats(q_count(&p)), nan_floats(kv_count(&p)), nan_floats(kv_count(&p))};
         assert_int_equal(
             backends[b]->linear_bwd_local(&p.dims, p.n, p.q, p.k, p.v, p.dout, g[0], g[1], g[2]),
@@ -383,7 +393,7 @@ static void check_segments(const problem *p, const segments *sg, const double *o
         spar_linear_state(&p->dims, true, sg->cut[t + 1] - sg->cut[t], p->k + sg->cut[t] * gd,
                           p->v + sg->cut[t] * gd, m + t * sl);
     char what[64];
-    for (int b = 0; b < 2; b++) {
+    for (int b = 0; b < NB; b++) {
         float *o = nan_floats(q_count(p));
         segments_forward(p, backends[b], sg, m, o);
         snprintf(what, sizeof what, "o from %d segments cut at %lld, %lld", sg->count,
@@ -546,6 +556,7 @@ static void combine_skips_negative_exponents_and_decays_per_state_head(void **st
 }
 
 int main(void) {
+    init_backends();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(local_forward_of_both_backends_matches_float64_definition),
         cmocka_unit_test(local_backward_of_both_backends_matches_float64_gradients),
