@@ -32,14 +32,14 @@ static stats summarize(double *x, int n) {
 
 /* What one point measured (on every rank; per-rank arrays on rank 0). */
 typedef struct point {
-    stats time[2];         /* fwd, bwd: slowest rank per repeat */
-    double flops[2];       /* all ranks */
-    double compute[2];     /* slowest rank's kernel time, last repeat */
-    double wait[2];        /* slowest rank's blocked time, last repeat */
-    double comm_only[2];   /* the pass with no-op kernels */
+    stats time[2];       /* fwd, bwd: slowest rank per repeat */
+    double flops[2];     /* all ranks */
+    double compute[2];   /* slowest rank's kernel time, last repeat */
+    double wait[2];      /* slowest rank's blocked time, last repeat */
+    double comm_only[2]; /* the pass with no-op kernels */
     double kernel_gflops[2], sgemm_gflops, ratio[2];
-    double bytes[2];       /* largest of any rank */
-    double peak_mib;       /* largest of any rank */
+    double bytes[2]; /* largest of any rank */
+    double peak_mib; /* largest of any rank */
 } point;
 
 static double max_over_ranks(spar_comm *comm, double x) {
@@ -64,10 +64,13 @@ static int repeat(spar_comm *comm, spar_experiment *x, int times, double *times_
     return SPAR_OK;
 }
 
-/* sgemm at the kernels' shape: a query block against a tile of keys, inner size d. */
+/* sgemm at the kernels' own shape: softmax, a query block against a tile of keys (inner
+ * size d); linear, a block's masked product times its values (B x B by B x d). */
 static double sgemm_yardstick(const spar_experiment *x) {
-    int qb = (int)(x->prob.query_block > 0 ? x->prob.query_block : 256);
-    return spar_kernels_sgemm_gflops(qb, 1024, x->prob.dims.head_dim, 0.3);
+    int d = x->prob.dims.head_dim, qb = (int)(x->prob.query_block > 0 ? x->prob.query_block : 256);
+    if (x->prob.type == SPAR_ATTN_LINEAR)
+        return spar_kernels_sgemm_gflops(SPAR_LINEAR_BLOCK, d, SPAR_LINEAR_BLOCK, 0.3);
+    return spar_kernels_sgemm_gflops(qb, 256, d, 0.3);
 }
 
 static int measure(spar_comm *comm, spar_experiment *x, const spar_config *cfg, point *pt) {
@@ -90,7 +93,9 @@ static int measure(spar_comm *comm, spar_experiment *x, const spar_config *cfg, 
         pt->wait[pass] = max_over_ranks(comm, last[pass].wait_seconds);
         pt->comm_only[pass] = max_over_ranks(comm, none[pass].seconds);
         pt->bytes[pass] = max_over_ranks(comm, (double)last[pass].bytes_sent);
-        double mine = last[pass].compute_seconds > 0 ? last[pass].flops / last[pass].compute_seconds / 1e9 : 0;
+        double mine = last[pass].compute_seconds > 0
+                          ? last[pass].flops / last[pass].compute_seconds / 1e9
+                          : 0;
         pt->kernel_gflops[pass] = sum_over_ranks(comm, mine);
         pt->sgemm_gflops = sum_over_ranks(comm, sgemm);
         pt->ratio[pass] = pt->sgemm_gflops > 0 ? pt->kernel_gflops[pass] / pt->sgemm_gflops : 0;
@@ -113,8 +118,7 @@ static double hidden(const point *pt, int pass) {
 static void print_header(void) {
     printf("# %-9s %-7s %6s %3s %8s %3s %3s %4s %3s %4s %10s %10s %8s %6s %8s %6s %9s %6s %9s\n",
            "method", "type", "causal", "P", "N", "H", "G", "d", "thr", "pass", "time_ms",
-           "spread_ms", "GFLOP/s", "x_sgemm", "sgemm", "hidden", "MiB/rank", "t/comp",
-           "peak_MiB");
+           "spread_ms", "GFLOP/s", "x_sgemm", "sgemm", "hidden", "MiB/rank", "t/comp", "peak_MiB");
 }
 
 static void print_row(const spar_config *c, int p, const point *pt, int pass) {
@@ -157,7 +161,8 @@ static int append_point(const spar_config *cfg, spar_comm *comm, const point *pt
     size_t len = 0;
     FILE *f = open_memstream(&buf, &len);
     if (!f) return SPAR_ENOMEM;
-    fprintf(f, "{\"record\":\"bench\",\"ranks\":%d,\"sgemm_gflops_per_s\":%.9g,\"peak_mib_max\":%.6g",
+    fprintf(f,
+            "{\"record\":\"bench\",\"ranks\":%d,\"sgemm_gflops_per_s\":%.9g,\"peak_mib_max\":%.6g",
             spar_comm_size(comm), pt->sgemm_gflops, pt->peak_mib);
     json_pass(f, "forward", pt, 0, true);
     json_pass(f, "backward", pt, 1, cfg->v[SPAR_KEY_RUN_BACKWARD].b);

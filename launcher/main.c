@@ -94,6 +94,8 @@ static int load_config(const cli *c, spar_config *cfg, spar_err *err) {
     return SPAR_OK;
 }
 
+static int check_grid(const cli *c, const spar_config *file, int world, spar_config *scratch);
+
 static int cmd_config(int argc, char **argv) {
     if (argc < 1) return usage_error("%s", "config needs show, check or schema");
     if (strcmp(argv[0], "schema") == 0) {
@@ -112,14 +114,21 @@ static int cmd_config(int argc, char **argv) {
         spar__print_key_help();
     } else if (code == 0 && cfg) {
         int world = 0; /* unknown outside a job: parallel.ranks stands in for it */
-        if (load_config(&c, cfg, &err) != 0 || spar__config_validate(cfg, world, &err) != 0) {
-            fprintf(stderr, "error: %s\n", err.msg);
+        spar_config *point = malloc(sizeof *point);
+        cli file_only = c;
+        file_only.nsets = 0; /* check_grid applies the flags after each point's values */
+        if (!point || load_config(&file_only, cfg, &err) != 0) {
+            fprintf(stderr, "error: %s\n", point ? err.msg : "out of memory");
+            code = SPAR_EXIT_BAD_INPUT;
+        } else if (check_grid(&c, cfg, world, point) != 0) { /* as spar bench would run it */
             code = SPAR_EXIT_BAD_INPUT;
         } else if (show) {
+            memcpy(cfg, point, sizeof *cfg); /* the last point (the only one without sweep) */
             spar__config_print(cfg, true);
         } else {
             printf("%s: ok\n", c.file);
         }
+        free(point);
     }
     free(cfg);
     free(c.sets);
@@ -188,6 +197,7 @@ static int check_grid(const cli *c, const spar_config *file, int world, spar_con
     for (int i = 0, n = grid_points(&file->sweep); i < n; i++) {
         int rc = point_config(c, file, i, scratch, &err);
         if (rc == 0) rc = spar__config_validate(scratch, world, &err);
+        if (rc != 0 && n == 1) return spar_errorf(rc, "%s", err.msg);
         if (rc != 0) return spar_errorf(rc, "%s (sweep point %d of %d)", err.msg, i + 1, n);
     }
     return SPAR_OK;

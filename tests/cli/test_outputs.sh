@@ -212,6 +212,55 @@ case_run "o and lse identical within 1e-6 across contiguous/zigzag/stripe" t_par
 case_run "o and lse match a float64 numpy reference (rel. L2 <= 1e-5)" t_reference
 case_run "results jsonl: one parseable record per run with the required keys" t_results_jsonl
 case_run "no *.tmp-* files left in the output directory" t_no_temporaries
+# spar bench: a 2 x 2 sweep grid in one job, one JSON line per point with the figures.
+t_bench_sweep() {
+    local f="$TMP/bench.yaml" jsonl="$TMP/bench.jsonl"
+    cat >"$f" <<YAML
+attention: {heads: 2, kv_heads: 1, head_dim: 8}
+run: {backward: true}
+bench: {warmup: 0, repeats: 2}
+output: {results: $jsonl}
+sweep:
+  sequence.length: [64, 80]
+  parallel.method: [ring, allgather]
+YAML
+    expect_exit 0 2 '^# method' -- bench "$f"
+    grep -Eq '^  allgather +softmax +true +2 +80 .* bwd ' "$OUT" ||
+        { show_output; fail "no bwd row for allgather at N=80"; }
+    "$PYTHON3" - "$jsonl" <<'PY' || fail "bench records are incomplete"
+import json, sys
+lines = open(sys.argv[1]).read().splitlines()
+assert len(lines) == 4, len(lines)
+points = set()
+for line in lines:
+    r = json.loads(line)
+    assert r["record"] == "bench" and r["ranks"] == 2 and len(r["hosts"]) == 2, r
+    for p in ("forward", "backward"):
+        f = r[p]
+        assert 0 < f["seconds_min"] <= f["seconds_median"] <= f["seconds_max"], f
+        assert f["ratio_to_sgemm"] >= 0 and 0 <= f["hidden_fraction"] <= 1, f
+        assert f["bytes_sent_per_rank_max"] > 0, f
+    points.add((r["settings"]["sequence.length"], r["settings"]["parallel.method"]))
+assert points == {(64, "ring"), (80, "ring"), (64, "allgather"), (80, "allgather")}, points
+PY
+}
+
+t_bench_sweep_conflict() {
+    local f="$TMP/bench-conflict.yaml"
+    printf 'sweep:\n  sequence.length: [64, 80]\n' >"$f"
+    expect_exit 2 2 "key sequence\.length is swept in .* and set with --set" -- \
+        bench "$f" --set sequence.length=96
+}
+
+t_run_refuses_sweep() {
+    local f="$TMP/run-sweep.yaml"
+    printf 'sweep:\n  sequence.length: [64, 80]\n' >"$f"
+    expect_exit 2 2 "a sweep: block runs with .spar bench." -- run "$f"
+}
+
+case_run "spar bench runs a 2 x 2 sweep grid, one JSON record per point" t_bench_sweep
+case_run "spar bench refuses --set of a swept key" t_bench_sweep_conflict
+case_run "spar run refuses a sweep: block" t_run_refuses_sweep
 case_run "run.verify_tol=1e-30: verification fails, exit 3 on every rank" t_verify_failure_exit3
 case_run "config show FILE --set attention.heads=16 shows 16 from --set" t_config_show
 case_run "every key of spar config schema appears in spar --help" t_help_lists_schema_keys
