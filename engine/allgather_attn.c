@@ -155,17 +155,10 @@ static int compute_group(gather *ga, spar__pass *pass, int gi) {
     return SPAR_OK;
 }
 
-static int wait_timed(spar_comm *comm, spar_comm_op **op, spar_metrics *m) {
-    double t0 = spar__now();
-    int rc = spar_comm_op_wait(comm, op);
-    m->wait_seconds += spar__now() - t0;
-    return rc;
-}
-
 /* Backward, after group gi computed: finish group gi-1's sums, then send group gi's. */
 static int reduce_group(gather *ga, int gi, spar_comm_op **reduce_op, int *prev_first, int *prev_gh,
                         spar_metrics *m) {
-    SPAR_TRY(wait_timed(ga->comm, reduce_op, m));
+    SPAR_TRY(spar__wait_timed(ga->comm, reduce_op, m));
     if (gi > 0)
         unpack_group(ga, *prev_first, *prev_gh, ga->mine[(gi - 1) & 1], ga->io->dk, ga->io->dv);
     set_counts(ga, gi);
@@ -185,7 +178,7 @@ static int run_groups(gather *ga, spar__pass *pass, spar_metrics *m) {
     SPAR_TRY(start_gather(ga, 0, &gather_op));
     int prev_first = 0, prev_gh = 0;
     for (int gi = 0; gi < ga->ngroups; gi++) {
-        SPAR_TRY(wait_timed(ga->comm, &gather_op, m));
+        SPAR_TRY(spar__wait_timed(ga->comm, &gather_op, m));
         if (gi + 1 < ga->ngroups) SPAR_TRY(start_gather(ga, gi + 1, &gather_op));
         SPAR_TRY(compute_group(ga, pass, gi));
         if (pass->backward) SPAR_TRY(reduce_group(ga, gi, &reduce_op, &prev_first, &prev_gh, m));
@@ -196,7 +189,7 @@ static int run_groups(gather *ga, spar__pass *pass, spar_metrics *m) {
                                gi + 1, ga->ngroups);
     }
     if (pass->backward) {
-        SPAR_TRY(wait_timed(ga->comm, &reduce_op, m));
+        SPAR_TRY(spar__wait_timed(ga->comm, &reduce_op, m));
         unpack_group(ga, prev_first, prev_gh, ga->mine[(ga->ngroups - 1) & 1], ga->io->dk,
                      ga->io->dv);
     }

@@ -73,6 +73,13 @@ void spar__metrics_finish(spar_metrics *m, const spar__pass *pass, spar_comm *co
     m->steps = steps;
 }
 
+int spar__wait_timed(spar_comm *comm, spar_comm_op **op, spar_metrics *m) {
+    double t0 = spar__now();
+    int rc = spar_comm_op_wait(comm, op);
+    m->wait_seconds += spar__now() - t0;
+    return rc;
+}
+
 static const float *at(const float *base, int64_t i, int64_t stride) {
     return base ? base + i * stride : NULL;
 }

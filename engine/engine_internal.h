@@ -64,6 +64,9 @@ double spar__now(void);
 void spar__metrics_finish(spar_metrics *m, const spar__pass *pass, spar_comm *comm, int rank,
                           double t_start, uint64_t bytes0, int steps);
 
+/* Waits for op, adding the time blocked to m->wait_seconds. */
+int spar__wait_timed(spar_comm *comm, spar_comm_op **op, spar_metrics *m);
+
 /* The passes of each method (ring_attn.c, allgather_attn.c, local_attn.c). */
 int spar__ring_forward(spar_comm *comm, const spar_attn_problem *prob, const spar_attn_io *io,
                        spar_metrics *m);

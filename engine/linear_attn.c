@@ -122,22 +122,6 @@ static int within_chunk(chain *c, bool backward) {
                                   io->dv);
 }
 
-static int wait_timed(spar_comm *comm, spar_comm_op **op, spar_metrics *m) {
-    double t0 = spar__now();
-    int rc = spar_comm_op_wait(comm, op);
-    m->wait_seconds += spar__now() - t0;
-    return rc;
-}
-
-static void finish(chain *c, spar_metrics *m, double t_start, uint64_t bytes0, double compute,
-                   bool backward) {
-    m->seconds = spar__now() - t_start;
-    m->compute_seconds = compute;
-    m->flops = spar_attn_flops(c->prob, c->rank, backward);
-    m->bytes_sent = spar_comm_bytes_sent(c->comm) - bytes0;
-    m->steps = c->size;
-}
-
 /* LASP-2, one pass: gather the per-rank states while the chunk computes its own part. */
 static int lasp2_pass(chain *c, bool backward, spar_metrics *m) {
     const spar_attn_io *io = c->io;
@@ -158,7 +142,7 @@ static int lasp2_pass(chain *c, bool backward, spar_metrics *m) {
     double t0 = spar__now();
     if (rc == 0) rc = within_chunk(c, backward);
     double compute = spar__now() - t0;
-    if (rc == 0) rc = wait_timed(c->comm, &op, m);
+    if (rc == 0) rc = spar__wait_timed(c->comm, &op, m);
     if (rc == 0) {
         combine(c, io->states, BEFORE, c->s_in); /* forward's states, kept in io->states */
         if (!backward) {
@@ -198,7 +182,7 @@ static int rotate_sum(chain *c, float *total, spar_metrics *m) {
         size_t bytes = sizeof(float) * (size_t)c->sf;
         SPAR_TRY(spar_comm_ring_start(c->comm, CHANNEL_STATE, bufs[cur], bytes, bufs[cur ^ 1],
                                       bytes, &op));
-        SPAR_TRY(wait_timed(c->comm, &op, m));
+        SPAR_TRY(spar__wait_timed(c->comm, &op, m));
         spar_vec_add(c->sf, total, bufs[cur ^ 1]);
     }
     return SPAR_OK;
@@ -224,7 +208,7 @@ static int lasp1_chain(chain *c, bool backward, spar_metrics *m) {
     double t0 = spar__now();
     SPAR_TRY(within_chunk(c, backward));
     m->compute_seconds = spar__now() - t0;
-    SPAR_TRY(wait_timed(c->comm, &op, m));
+    SPAR_TRY(spar__wait_timed(c->comm, &op, m));
     if (!backward) { /* keep S_r for the backward pass */
         memcpy(io->states, c->s_in, bytes);
         spar_linear_fwd_state(&c->ld, true, c->len, io->q, c->s_in, io->o);
@@ -243,7 +227,7 @@ static int lasp1_chain(chain *c, bool backward, spar_metrics *m) {
     spar_linear_combine(&c->ld, 2, pair, exps, c->mine);
     free(pair);
     int rc = spar_comm_sendrecv_start(c->comm, CHANNEL_STATE, c->mine, bytes, to, NULL, 0, -1, &op);
-    if (rc == 0) rc = wait_timed(c->comm, &op, m);
+    if (rc == 0) rc = spar__wait_timed(c->comm, &op, m);
     return rc;
 }
 
@@ -280,7 +264,11 @@ static int run_pass(spar_comm *comm, const spar_attn_problem *prob, const spar_a
         else
             rc = prob->causal ? lasp1_chain(&c, backward, &m) : lasp1_unmasked(&c, backward, &m);
     }
-    if (rc == 0) finish(&c, &m, t_start, bytes0, m.compute_seconds, backward);
+    if (rc == 0) {
+        spar__pass done = {
+            .prob = prob, .backward = backward, .compute_seconds = m.compute_seconds};
+        spar__metrics_finish(&m, &done, comm, c.rank, t_start, bytes0, c.size);
+    }
     if (rc == 0 && prob->progress && c.rank == 0)
         prob->progress(prob->progress_ctx,
                        backward ? (lasp1 ? "lasp1 backward" : "lasp2 backward")

@@ -93,9 +93,7 @@ int spar__ring_forward(spar_comm *comm, const spar_attn_problem *prob, const spa
         spar_kvblock kv = {rg.held.len, NULL, (int64_t)rg.row, bufs[cur], bufs[cur] + n,
                            NULL,        NULL};
         rc = spar__pass_chunk(&pass, &rg.held, &kv);
-        double t0 = spar__now();
-        int wrc = spar_comm_op_wait(comm, &op);
-        m.wait_seconds += spar__now() - t0;
+        int wrc = spar__wait_timed(comm, &op, &m);
         rc = rc ? rc : wrc;
         if (rc == 0 && prob->progress && rg.rank == 0)
             prob->progress(prob->progress_ctx, "ring forward step", step + 1, rg.size);
@@ -137,8 +135,8 @@ static void grad_bufs_free(grad_bufs *b) {
 static int forward_gradients(ring *rg, int step, float *part, grad_bufs *b, spar_comm_op **op,
                              double *wait) {
     size_t floats = block_bytes(rg, source(rg, step)) / sizeof(float);
-    double t0 = spar__now();
-    SPAR_TRY(spar_comm_op_wait(rg->comm, op)); /* the accumulator for this block */
+    double t0 = spar__now(); /* the accumulator for this block */
+    SPAR_TRY(spar_comm_op_wait(rg->comm, op));
     *wait += spar__now() - t0;
     if (step > 0) spar_vec_add((int64_t)floats, part, b->acc_in);
     if (rg->size == 1) return SPAR_OK;
@@ -158,9 +156,7 @@ static int ring_backward_steps(ring *rg, const spar_attn_io *io, grad_bufs *b, s
                            b->kv[cur] + n, b->part[cur], b->part[cur] + n};
         SPAR_TRY(spar__pass_chunk(pass, &rg->held, &kv));
         SPAR_TRY(forward_gradients(rg, step, b->part[cur], b, grad_op, &m->wait_seconds));
-        double t0 = spar__now();
-        SPAR_TRY(spar_comm_op_wait(rg->comm, kv_op));
-        m->wait_seconds += spar__now() - t0;
+        SPAR_TRY(spar__wait_timed(rg->comm, kv_op, m));
         if (prob->progress && rg->rank == 0)
             prob->progress(prob->progress_ctx, "ring backward step", step + 1, rg->size);
     }
