@@ -135,8 +135,9 @@ static int lasp2_pass(chain *c, bool backward, spar_metrics *m) {
     }
     for (int s = 0; s < c->size; s++)
         counts[s] = c->sf;
-    int rc = backward ? spar_linear_dstate(&c->ld, causal, c->len, io->q, io->dout, c->mine)
-                      : spar_linear_state(&c->ld, causal, c->len, io->k, io->v, c->mine);
+    int rc = backward
+                 ? c->prob->kernels->linear_dstate(&c->ld, causal, c->len, io->q, io->dout, c->mine)
+                 : c->prob->kernels->linear_state(&c->ld, causal, c->len, io->k, io->v, c->mine);
     spar_comm_op *op = NULL;
     if (rc == 0) rc = spar_comm_allgather_start(c->comm, c->mine, gathered, counts, &op);
     double t0 = spar__now();
@@ -145,12 +146,13 @@ static int lasp2_pass(chain *c, bool backward, spar_metrics *m) {
     if (rc == 0) rc = spar__wait_timed(c->comm, &op, m);
     if (rc == 0) {
         combine(c, io->states, BEFORE, c->s_in); /* forward's states, kept in io->states */
+        const spar_kernels *kern = c->prob->kernels;
         if (!backward) {
-            spar_linear_fwd_state(&c->ld, causal, c->len, io->q, c->s_in, io->o);
+            rc = kern->linear_fwd_state(&c->ld, causal, c->len, io->q, c->s_in, io->o);
         } else {
             combine(c, gathered, AFTER, c->other);
-            spar_linear_bwd_state(&c->ld, causal, c->len, io->k, io->v, io->dout, c->s_in, c->other,
-                                  io->dq, io->dk, io->dv);
+            rc = kern->linear_bwd_state(&c->ld, causal, c->len, io->k, io->v, io->dout, c->s_in,
+                                        c->other, io->dq, io->dk, io->dv);
         }
     }
     m->compute_seconds = compute;
@@ -203,19 +205,20 @@ static int lasp1_chain(chain *c, bool backward, spar_metrics *m) {
                                           from, &op));
     else
         memset(incoming, 0, bytes);
-    SPAR_TRY(backward ? spar_linear_dstate(&c->ld, true, c->len, io->q, io->dout, c->mine)
-                      : spar_linear_state(&c->ld, true, c->len, io->k, io->v, c->mine));
+    SPAR_TRY(backward
+                 ? c->prob->kernels->linear_dstate(&c->ld, true, c->len, io->q, io->dout, c->mine)
+                 : c->prob->kernels->linear_state(&c->ld, true, c->len, io->k, io->v, c->mine));
     double t0 = spar__now();
     SPAR_TRY(within_chunk(c, backward));
     m->compute_seconds = spar__now() - t0;
     SPAR_TRY(spar__wait_timed(c->comm, &op, m));
     if (!backward) { /* keep S_r for the backward pass */
         memcpy(io->states, c->s_in, bytes);
-        spar_linear_fwd_state(&c->ld, true, c->len, io->q, c->s_in, io->o);
+        SPAR_TRY(c->prob->kernels->linear_fwd_state(&c->ld, true, c->len, io->q, c->s_in, io->o));
     } else {
         memcpy(c->s_in, io->states, bytes);
-        spar_linear_bwd_state(&c->ld, true, c->len, io->k, io->v, io->dout, c->s_in, incoming,
-                              io->dq, io->dk, io->dv);
+        SPAR_TRY(c->prob->kernels->linear_bwd_state(&c->ld, true, c->len, io->k, io->v, io->dout,
+                                                    c->s_in, incoming, io->dq, io->dk, io->dv));
     }
     if (!has_to) return SPAR_OK;
     /* outgoing = lambda^C incoming + mine, left in `mine` */
@@ -239,15 +242,15 @@ static int lasp1_unmasked(chain *c, bool backward, spar_metrics *m) {
     SPAR_TRY(within_chunk(c, backward));
     m->compute_seconds = spar__now() - t0;
     if (!backward) {
-        SPAR_TRY(spar_linear_state(&c->ld, false, c->len, io->k, io->v, c->mine));
+        SPAR_TRY(c->prob->kernels->linear_state(&c->ld, false, c->len, io->k, io->v, c->mine));
         SPAR_TRY(rotate_sum(c, t, m));
-        spar_linear_fwd_state(&c->ld, false, c->len, io->q, t, io->o);
+        SPAR_TRY(c->prob->kernels->linear_fwd_state(&c->ld, false, c->len, io->q, t, io->o));
         return SPAR_OK;
     }
-    SPAR_TRY(spar_linear_dstate(&c->ld, false, c->len, io->q, io->dout, c->mine));
+    SPAR_TRY(c->prob->kernels->linear_dstate(&c->ld, false, c->len, io->q, io->dout, c->mine));
     SPAR_TRY(rotate_sum(c, c->s_in, m)); /* dT */
-    spar_linear_bwd_state(&c->ld, false, c->len, io->k, io->v, io->dout, t, c->s_in, io->dq, io->dk,
-                          io->dv);
+    SPAR_TRY(c->prob->kernels->linear_bwd_state(&c->ld, false, c->len, io->k, io->v, io->dout, t,
+                                                c->s_in, io->dq, io->dk, io->dv));
     return SPAR_OK;
 }
 
@@ -300,18 +303,18 @@ int spar__linear_local(const spar_attn_problem *prob, const spar_attn_io *io, bo
     float *t = malloc(sizeof(float) * (size_t)sf * 2);
     if (!t) return SPAR_ENOMEM;
     int64_t nq = n * ld.heads * ld.head_dim, nkv = n * ld.kv_heads * ld.head_dim;
-    int rc = spar_linear_state(&ld, false, n, io->k, io->v, t);
+    int rc = prob->kernels->linear_state(&ld, false, n, io->k, io->v, t);
     if (rc == 0 && !backward) {
         memset(io->o, 0, sizeof(float) * (size_t)nq);
-        spar_linear_fwd_state(&ld, false, n, io->q, t, io->o);
+        rc = prob->kernels->linear_fwd_state(&ld, false, n, io->q, t, io->o);
     } else if (rc == 0) {
         memset(io->dq, 0, sizeof(float) * (size_t)nq);
         memset(io->dk, 0, sizeof(float) * (size_t)nkv);
         memset(io->dv, 0, sizeof(float) * (size_t)nkv);
-        rc = spar_linear_dstate(&ld, false, n, io->q, io->dout, t + sf);
+        rc = prob->kernels->linear_dstate(&ld, false, n, io->q, io->dout, t + sf);
         if (rc == 0)
-            spar_linear_bwd_state(&ld, false, n, io->k, io->v, io->dout, t, t + sf, io->dq, io->dk,
-                                  io->dv);
+            rc = prob->kernels->linear_bwd_state(&ld, false, n, io->k, io->v, io->dout, t, t + sf,
+                                                 io->dq, io->dk, io->dv);
     }
     free(t);
     return rc;

@@ -3,12 +3,31 @@
 
 #include "cpu/cpu_kernels.h"
 
+/* The oracle state products have no failure path but the table's type returns one. */
+static int fwd_state_plain(const spar_linear_dims *dims, bool causal, int64_t n, const float *q,
+                           const float *s, float *o) {
+    spar_linear_fwd_state(dims, causal, n, q, s, o);
+    return 0;
+}
+
+static int bwd_state_plain(const spar_linear_dims *dims, bool causal, int64_t n, const float *k,
+                           const float *v, const float *dout, const float *s, const float *dkv,
+                           float *dq, float *dk, float *dv) {
+    spar_linear_bwd_state(dims, causal, n, k, v, dout, s, dkv, dq, dk, dv);
+    return 0;
+}
+
+#define PLAIN_STATES                                                                               \
+    .linear_state = spar_linear_state, .linear_fwd_state = fwd_state_plain,                        \
+    .linear_dstate = spar_linear_dstate, .linear_bwd_state = bwd_state_plain
+
 const spar_kernels spar__kernels_scalar = {
     .name = "scalar",
     .softmax_fwd_block = spar__softmax_fwd_block_scalar,
     .softmax_bwd_block = spar__softmax_bwd_block_scalar,
     .linear_fwd_local = spar__linear_fwd_local_scalar,
     .linear_bwd_local = spar__linear_bwd_local_scalar,
+    PLAIN_STATES,
 };
 
 /* Softmax shares the scalar kernels until SIMD ones arrive; linear attention is blocked. */
@@ -18,6 +37,7 @@ const spar_kernels spar__kernels_blocked = {
     .softmax_bwd_block = spar__softmax_bwd_block_scalar,
     .linear_fwd_local = spar__linear_fwd_local_blocked,
     .linear_bwd_local = spar__linear_bwd_local_blocked,
+    PLAIN_STATES,
 };
 
 static int none_softmax(const spar_attn_dims *dims, bool causal, const spar_qblock *q,
@@ -38,12 +58,30 @@ static int none_linear_bwd(const spar_linear_dims *dims, int64_t n, const float 
     return 0;
 }
 
+static int none_state(const spar_linear_dims *dims, bool causal, int64_t n, const float *x,
+                      const float *y, float *m) {
+    (void)dims, (void)causal, (void)n, (void)x, (void)y, (void)m;
+    return 0;
+}
+
+static int none_bwd_state(const spar_linear_dims *dims, bool causal, int64_t n, const float *k,
+                          const float *v, const float *dout, const float *s, const float *dkv,
+                          float *dq, float *dk, float *dv) {
+    (void)dims, (void)causal, (void)n, (void)k, (void)v, (void)dout, (void)s, (void)dkv;
+    (void)dq, (void)dk, (void)dv;
+    return 0;
+}
+
 const spar_kernels spar_kernels_none = {
     .name = "none",
     .softmax_fwd_block = none_softmax,
     .softmax_bwd_block = none_softmax,
     .linear_fwd_local = none_linear_fwd,
     .linear_bwd_local = none_linear_bwd,
+    .linear_state = none_state, /* states of any value: the messages keep their size */
+    .linear_fwd_state = none_state,
+    .linear_dstate = none_state,
+    .linear_bwd_state = none_bwd_state,
 };
 
 #ifdef SPAR_HAVE_BLAS
@@ -58,6 +96,10 @@ static const spar_kernels kernels_blas = {
     .softmax_bwd_block = spar__softmax_bwd_block_blas,
     .linear_fwd_local = spar__linear_fwd_local_blas,
     .linear_bwd_local = spar__linear_bwd_local_blas,
+    .linear_state = spar__linear_state_blas,
+    .linear_fwd_state = spar__linear_fwd_state_blas,
+    .linear_dstate = spar__linear_dstate_blas,
+    .linear_bwd_state = spar__linear_bwd_state_blas,
 };
 
 void openblas_set_num_threads(int num_threads); /* from OpenBLAS */

@@ -95,6 +95,17 @@ typedef struct spar_kernels {
     /* The gradients of linear_fwd_local for output gradient dout; dq, dk, dv overwritten. */
     int (*linear_bwd_local)(const spar_linear_dims *dims, int64_t n, const float *q, const float *k,
                             const float *v, const float *dout, float *dq, float *dk, float *dv);
+    /* The state products, as spar_linear_state, _fwd_state, _dstate and _bwd_state below
+     * (those are the oracle versions, which the scalar and blocked backends use). */
+    int (*linear_state)(const spar_linear_dims *dims, bool causal, int64_t n, const float *k,
+                        const float *v, float *m);
+    int (*linear_fwd_state)(const spar_linear_dims *dims, bool causal, int64_t n, const float *q,
+                            const float *s, float *o);
+    int (*linear_dstate)(const spar_linear_dims *dims, bool causal, int64_t n, const float *q,
+                         const float *dout, float *ds);
+    int (*linear_bwd_state)(const spar_linear_dims *dims, bool causal, int64_t n, const float *k,
+                            const float *v, const float *dout, const float *s, const float *dkv,
+                            float *dq, float *dk, float *dv);
 } spar_kernels;
 
 /* The segment's memory state m[s] = sum_j c_j k_j^T v_j, with c_j = lambda_s^(n-1-j)

@@ -26,6 +26,17 @@ int spar__linear_bwd_local_blas(const spar_linear_dims *dims, int64_t n, const f
                                 const float *k, const float *v, const float *dout, float *dq,
                                 float *dk, float *dv);
 
+/* The state products of kernels.h's spar_linear_* on OpenBLAS (linear_blas.c). */
+int spar__linear_state_blas(const spar_linear_dims *dims, bool causal, int64_t n, const float *k,
+                            const float *v, float *m);
+int spar__linear_fwd_state_blas(const spar_linear_dims *dims, bool causal, int64_t n,
+                                const float *q, const float *s, float *o);
+int spar__linear_dstate_blas(const spar_linear_dims *dims, bool causal, int64_t n, const float *q,
+                             const float *dout, float *ds);
+int spar__linear_bwd_state_blas(const spar_linear_dims *dims, bool causal, int64_t n,
+                                const float *k, const float *v, const float *dout, const float *s,
+                                const float *dkv, float *dq, float *dk, float *dv);
+
 int spar__linear_fwd_local_scalar(const spar_linear_dims *dims, int64_t n, const float *q,
                                   const float *k, const float *v, float *o);
 int spar__linear_bwd_local_scalar(const spar_linear_dims *dims, int64_t n, const float *q,
