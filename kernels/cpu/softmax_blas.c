@@ -16,7 +16,7 @@
 #include "cpu_kernels.h"
 #include "spar_status.h"
 
-#define KT 256 /* keys per tile */
+#define KT 512 /* keys per tile */
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define SPAR_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -148,8 +148,9 @@ static void online_softmax_tile(const spar_attn_dims *dims, const spar_qblock *q
         }
         float alpha = t->m[i] == -INFINITY ? 0.0f : expf(t->m[i] - m_new);
         t->l[i] = t->l[i] * alpha + exp_row(row, kn, m_new);
-        for (int c = 0; c < d; c++)
-            t->acc[i * d + c] *= alpha;
+        if (alpha != 1.0f) /* the maximum moved: rescale what the row has (often it did not) */
+            for (int c = 0; c < d; c++)
+                t->acc[i * d + c] *= alpha;
         t->m[i] = m_new;
     }
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)qb->n, d, (int)kn, 1.0f, t->s, KT,
