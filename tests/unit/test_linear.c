@@ -555,6 +555,56 @@ static void combine_skips_negative_exponents_and_decays_per_state_head(void **st
     check_combine(4, 2, 2, per_group); /* a state per group, the groups' decays differ */
 }
 
+/* The fast backend's state products (kernel table) against the oracle functions, causal
+ * and not, states per kv head and per query head, segment lengths around the block size. */
+static void table_state_products_match_the_oracle_ones(void **state) {
+    (void)state;
+    const spar_kernels *fast = backends[2];
+    static const int64_t seg_lengths[] = {1, 63, 64, 65, 200};
+    static const int shapes[][2] = {{4, 2}, {3, 1}};
+    double worst = 0.0;
+    for (size_t li = 0; li < sizeof seg_lengths / sizeof seg_lengths[0]; li++)
+        for (int si = 0; si < 2; si++)
+            for (int kind = 0; kind < 3; kind++)
+                for (int causal = 0; causal < 2; causal++) {
+                    problem p;
+                    make_problem(&p, shapes[si][0], shapes[si][1], 24, seg_lengths[li],
+                                 (enum decay_kind)kind, (uint64_t)(li * 31 + si * 7 + kind));
+                    int64_t sf = (int64_t)p.dims.state_heads * 24 * 24;
+                    float *want = kc_zero_floats(2 * sf), *got = kc_zero_floats(2 * sf);
+                    assert_int_equal(spar_linear_state(&p.dims, causal, p.n, p.k, p.v, want), 0);
+                    assert_int_equal(fast->linear_state(&p.dims, causal, p.n, p.k, p.v, got), 0);
+                    worst = kc_max(worst, kc_check_close_f(label(&p, fast->name, "state"), sf, got,
+                                                           want, 1e-5));
+                    assert_int_equal(
+                        spar_linear_dstate(&p.dims, causal, p.n, p.q, p.dout, want + sf), 0);
+                    assert_int_equal(
+                        fast->linear_dstate(&p.dims, causal, p.n, p.q, p.dout, got + sf), 0);
+                    worst = kc_max(worst, kc_check_close_f(label(&p, fast->name, "dstate"), sf,
+                                                           got + sf, want + sf, 1e-5));
+                    /* fwd_state and bwd_state add into outputs that start equal */
+                    int64_t nq = q_count(&p), nkv = kv_count(&p);
+                    float *a = kc_random_floats(nq + 2 * nkv),
+                          *b = malloc(sizeof(float) * (size_t)(nq + 2 * nkv));
+                    assert_non_null(b);
+                    memcpy(b, a, sizeof(float) * (size_t)(nq + 2 * nkv));
+                    spar_linear_fwd_state(&p.dims, causal, p.n, p.q, want, a);
+                    assert_int_equal(fast->linear_fwd_state(&p.dims, causal, p.n, p.q, want, b), 0);
+                    spar_linear_bwd_state(&p.dims, causal, p.n, p.k, p.v, p.dout, want, want + sf,
+                                          a, a + nq, a + nq + nkv);
+                    assert_int_equal(fast->linear_bwd_state(&p.dims, causal, p.n, p.k, p.v, p.dout,
+                                                            want, want + sf, b, b + nq,
+                                                            b + nq + nkv),
+                                     0);
+                    worst = kc_max(worst, kc_check_close_f(label(&p, fast->name, "o, dq, dk, dv"),
+                                                           nq + 2 * nkv, b, a, 1e-5));
+                    free(want), free(got), free(a), free(b);
+                    free_problem(&p);
+                }
+    printf("# %s state products vs the oracle ones: worst rel L2 %.2e (tol 1e-5)\n", fast->name,
+           worst);
+}
+
 int main(void) {
     init_backends();
     const struct CMUnitTest tests[] = {
@@ -565,6 +615,7 @@ int main(void) {
         cmocka_unit_test(noncausal_attention_is_q_times_the_state_forward_and_backward),
         cmocka_unit_test(alibi_decays_follow_the_power_of_two_slopes),
         cmocka_unit_test(combine_skips_negative_exponents_and_decays_per_state_head),
+        cmocka_unit_test(table_state_products_match_the_oracle_ones),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
