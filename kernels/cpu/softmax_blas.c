@@ -69,6 +69,35 @@ SPAR_SIMD_CLONES static float exp_row(float *row, int64_t n, float shift) {
     return sum;
 }
 
+/* dst[j] = exp(src[j] - shift) and the sum, while finding max(src) (*max_out): one pass
+ * for what would otherwise take two (the maximum, then the exponentials). */
+SPAR_SIMD_CLONES static float exp_row_tracking(const float *src, float *dst, int64_t n, float shift,
+                                               float *max_out) {
+    float part[LANES] = {0}, top[LANES];
+    for (int l = 0; l < LANES; l++)
+        top[l] = -INFINITY;
+    int64_t j = 0;
+    for (; j + LANES <= n; j += LANES)
+        for (int l = 0; l < LANES; l++) {
+            float x = src[j + l], e = exp_nonpositive(x - shift);
+            dst[j + l] = e;
+            part[l] += e;
+            top[l] = x > top[l] ? x : top[l];
+        }
+    float sum = 0.0f, m = -INFINITY;
+    for (; j < n; j++) {
+        dst[j] = exp_nonpositive(src[j] - shift);
+        sum += dst[j];
+        m = src[j] > m ? src[j] : m;
+    }
+    for (int l = 0; l < LANES; l++) {
+        sum += part[l];
+        m = top[l] > m ? top[l] : m;
+    }
+    *max_out = m;
+    return sum;
+}
+
 SPAR_SIMD_CLONES static float max_row(const float *row, int64_t n) {
     float part[LANES];
     for (int l = 0; l < LANES; l++)
@@ -111,11 +140,12 @@ typedef struct tile {
 } tile;
 
 static int tile_alloc(tile *t, int64_t nq, int d, bool backward) {
-    *t = (tile){malloc(sizeof(float) * (size_t)(nq * KT)),
-                backward ? malloc(sizeof(float) * (size_t)(nq * KT)) : NULL,
-                malloc(sizeof(float) * (size_t)(nq * d + 1)), malloc(sizeof(float) * (size_t)nq),
-                malloc(sizeof(float) * (size_t)nq)};
-    return t->s && t->acc && t->m && t->l && (!backward || t->dp) ? SPAR_OK : SPAR_ENOMEM;
+    (void)backward; /* forward uses dp for the probabilities */
+    *t =
+        (tile){malloc(sizeof(float) * (size_t)(nq * KT)), malloc(sizeof(float) * (size_t)(nq * KT)),
+               malloc(sizeof(float) * (size_t)(nq * d + 1)), malloc(sizeof(float) * (size_t)nq),
+               malloc(sizeof(float) * (size_t)nq)};
+    return t->s && t->acc && t->m && t->l && t->dp ? SPAR_OK : SPAR_ENOMEM;
 }
 
 static void tile_free(tile *t) {
@@ -135,25 +165,35 @@ static void scores(const spar_attn_dims *dims, bool causal, const spar_qblock *q
             s[i * KT + j] = -INFINITY;
 }
 
-/* The running (m, l, acc) of every query row after one more tile. */
+/* How far above the running maximum a score may be before the row is rescaled: the
+ * exponentials then stay below e^32, far from fp32's range, so most tiles need neither a
+ * separate maximum pass nor a rescale. */
+#define RESCALE_MARGIN 32.0f
+
+/* The running (m, l, acc) of every query row after one more tile. The first tile of a row
+ * fixes m from its maximum; later ones keep it unless a score exceeds it by the margin. */
 static void online_softmax_tile(const spar_attn_dims *dims, const spar_qblock *qb,
                                 const spar_kvblock *kb, int h, int64_t k0, int64_t kn, tile *t) {
     int d = dims->head_dim, g = h / (dims->heads / dims->kv_heads);
     for (int64_t i = 0; i < qb->n; i++) {
-        float *row = t->s + i * KT;
-        float m_new = fmaxf(t->m[i], max_row(row, kn));
-        if (m_new == -INFINITY) { /* nothing visible yet: keep the row empty */
-            memset(row, 0, sizeof(float) * (size_t)kn);
+        float *row = t->s + i * KT, *p = t->dp + i * KT, top;
+        if (t->m[i] == -INFINITY) t->m[i] = max_row(row, kn);
+        if (t->m[i] == -INFINITY) { /* nothing visible yet: keep the row empty */
+            memset(p, 0, sizeof(float) * (size_t)kn);
             continue;
         }
-        float alpha = t->m[i] == -INFINITY ? 0.0f : expf(t->m[i] - m_new);
-        t->l[i] = t->l[i] * alpha + exp_row(row, kn, m_new);
-        if (alpha != 1.0f) /* the maximum moved: rescale what the row has (often it did not) */
+        float sum = exp_row_tracking(row, p, kn, t->m[i], &top);
+        if (top > t->m[i] + RESCALE_MARGIN) { /* rare: move the reference and redo the row */
+            float alpha = expf(t->m[i] - top);
+            t->l[i] *= alpha;
             for (int c = 0; c < d; c++)
                 t->acc[i * d + c] *= alpha;
-        t->m[i] = m_new;
+            t->m[i] = top;
+            sum = exp_row_tracking(row, p, kn, top, &top);
+        }
+        t->l[i] += sum;
     }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)qb->n, d, (int)kn, 1.0f, t->s, KT,
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)qb->n, d, (int)kn, 1.0f, t->dp, KT,
                 kb->v + k0 * kb->stride_kv + g * d, (int)kb->stride_kv, 1.0f, t->acc, d);
 }
 
