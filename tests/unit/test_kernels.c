@@ -403,6 +403,39 @@ static void bwd_delta_is_the_rowwise_dot_of_dout_and_o(void **state) {
     free(o), free(dout);
 }
 
+/* Scores that jump by 40 and then 80 from one tile of keys to the next (exact in fp32:
+ * d = 1, q = 1, k in {0, 40, 80}) push the fast kernel past its running maximum, so it
+ * must move its reference and rescale; the result must still be the softmax. */
+static void rising_scores_across_key_tiles_are_rescaled_exactly(void **state) {
+    (void)state;
+    enum { NK = 1536, NQ = 3 };
+    spar_attn_dims dims = {1, 1, 1, 1.0f};
+    float q[NQ] = {1.0f, 1.0f, 0.5f}, *k = malloc(sizeof(float) * NK),
+          *v = malloc(sizeof(float) * NK);
+    float o[NQ], lse[NQ];
+    double ref_o[NQ], ref_lse[NQ];
+    assert_non_null(k), assert_non_null(v);
+    kc_seed(42);
+    for (int j = 0; j < NK; j++)
+        k[j] = j < 512 ? 0.0f : j < 1024 ? 40.0f : 80.0f, v[j] = kc_randn();
+    for (int i = 0; i < NQ; i++) { /* float64 softmax, stable form */
+        double m = 80.0 * q[i], l = 0.0, acc = 0.0;
+        for (int j = 0; j < NK; j++) {
+            double p = exp((double)q[i] * k[j] - m);
+            l += p, acc += p * v[j];
+        }
+        ref_o[i] = acc / l, ref_lse[i] = m + log(l);
+    }
+    const spar_kernels *kern = spar_kernels_select("auto");
+    spar_softmax_init_partial(NQ, 1, 1, o, lse);
+    spar_qblock qb = {.n = NQ, .stride_q = 1, .stride_lse = 1, .q = q, .o = o, .lse = lse};
+    spar_kvblock kb = {.n = NK, .stride_kv = 1, .k = k, .v = v};
+    assert_int_equal(kern->softmax_fwd_block(&dims, false, &qb, &kb), 0);
+    kc_check_close("rising scores: o", NQ, o, ref_o, 1e-5);
+    kc_check_close("rising scores: lse", NQ, lse, ref_lse, 1e-5);
+    free(k), free(v);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(select_finds_scalar_and_auto_and_rejects_unknown_names),
@@ -417,6 +450,7 @@ int main(void) {
             forward_on_a_head_subset_view_equals_a_dense_copy_and_touches_no_other_head),
         cmocka_unit_test(vec_add_adds_each_pair_exactly_in_fp32_and_nothing_past_n),
         cmocka_unit_test(bwd_delta_is_the_rowwise_dot_of_dout_and_o),
+        cmocka_unit_test(rising_scores_across_key_tiles_are_rescaled_exactly),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
