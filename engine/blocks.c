@@ -68,7 +68,10 @@ void spar__metrics_finish(spar_metrics *m, const spar__pass *pass, spar_comm *co
                           double t_start, uint64_t bytes0, int steps) {
     m->seconds = spar__now() - t_start;
     m->compute_seconds = pass->compute_seconds;
-    m->flops = spar_attn_flops(pass->prob, rank, pass->backward);
+    /* the no-op kernels do no useful arithmetic: no rate to report */
+    m->flops = pass->prob->kernels == &spar_kernels_none
+                   ? 0.0
+                   : spar_attn_flops(pass->prob, rank, pass->backward);
     m->bytes_sent = comm ? spar_comm_bytes_sent(comm) - bytes0 : 0;
     m->steps = steps;
 }
