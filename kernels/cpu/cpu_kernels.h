@@ -7,7 +7,24 @@
 #ifndef SPAR_CPU_KERNELS_H
 #define SPAR_CPU_KERNELS_H
 
+#include <math.h>
+
 #include "kernels.h"
+
+/* The exact merge of two softmax partials of a row (DESIGN.md 3.1): given the running
+ * lse_a (-inf: nothing yet) and a block's lse_b, returns the merged log-sum-exp and sets
+ * the weights of the running output (*wa) and of the block's normalised output (*wb).
+ * Computed as max + log1p(exp(min - max)) so that neither exponential overflows. */
+static inline double spar__merge_weights(double lse_a, double lse_b, double *wa, double *wb) {
+    if (isinf(lse_a) && lse_a < 0) {
+        *wa = 0.0, *wb = 1.0;
+        return lse_b;
+    }
+    double hi = lse_a > lse_b ? lse_a : lse_b, lo = lse_a > lse_b ? lse_b : lse_a;
+    double lse = hi + log1p(exp(lo - hi));
+    *wa = exp(lse_a - lse), *wb = exp(lse_b - lse);
+    return lse;
+}
 
 int spar__softmax_fwd_block_scalar(const spar_attn_dims *dims, bool causal, const spar_qblock *qb,
                                    const spar_kvblock *kb);

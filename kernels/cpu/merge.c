@@ -4,7 +4,7 @@
  * error beyond the final rounding. */
 #include <math.h>
 
-#include "kernels.h"
+#include "cpu_kernels.h"
 
 void spar_softmax_init_partial(int64_t n, int heads, int head_dim, float *o, float *lse) {
     int64_t rows = n * heads;
@@ -19,17 +19,14 @@ void spar_softmax_merge(int64_t n, int heads, int head_dim, float *o_a, float *l
                         const float *o_b, const float *lse_b) {
     int64_t rows = n * heads;
     for (int64_t r = 0; r < rows; r++) {
-        double a = lse_a[r], b = lse_b[r];
-        if (isinf(b) && b < 0) continue; /* b saw no keys */
-        if (isinf(a) && a < 0) {
+        if (isinf(lse_b[r]) && lse_b[r] < 0) continue; /* b saw no keys */
+        if (isinf(lse_a[r]) && lse_a[r] < 0) {         /* a saw none: b as it is, bit for bit */
             lse_a[r] = lse_b[r];
             for (int c = 0; c < head_dim; c++)
                 o_a[r * head_dim + c] = o_b[r * head_dim + c];
             continue;
         }
-        double hi = a > b ? a : b, lo = a > b ? b : a;
-        double lse = hi + log1p(exp(lo - hi));
-        double wa = exp(a - lse), wb = exp(b - lse);
+        double wa, wb, lse = spar__merge_weights(lse_a[r], lse_b[r], &wa, &wb);
         for (int c = 0; c < head_dim; c++) {
             int64_t i = r * head_dim + c;
             o_a[i] = (float)(wa * o_a[i] + wb * o_b[i]);

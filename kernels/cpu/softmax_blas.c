@@ -202,12 +202,10 @@ static void merge_into(const spar_attn_dims *dims, const spar_qblock *qb, int h,
     int d = dims->head_dim;
     for (int64_t i = 0; i < qb->n; i++) {
         if (t->l[i] <= 0.0f) continue;
-        double lse_b = (double)t->m[i] + log((double)t->l[i]);
         float *lse = qb->lse + i * qb->stride_lse + h, *o = qb->o + i * qb->stride_q + h * d;
-        double lse_a = *lse, hi = lse_a > lse_b ? lse_a : lse_b;
-        double lse_new = isinf(lse_a) ? lse_b : hi + log1p(exp(fmin(lse_a, lse_b) - hi));
-        double wa = isinf(lse_a) ? 0.0 : exp(lse_a - lse_new);
-        double wb = exp(lse_b - lse_new) / t->l[i];
+        double wa, wb, lse_b = (double)t->m[i] + log((double)t->l[i]);
+        double lse_new = spar__merge_weights(*lse, lse_b, &wa, &wb);
+        wb /= t->l[i]; /* acc is unnormalised */
         for (int c = 0; c < d; c++)
             o[c] = (float)(wa * o[c] + wb * t->acc[i * d + c]);
         *lse = (float)lse_new;

@@ -28,13 +28,9 @@ static bool visible(bool causal, const spar_qblock *qb, int64_t i, const spar_kv
 
 /* Merge one row's block result (m + log l, acc / l) into the running (o, lse). */
 static void merge_row(int d, double m, double l, const double *acc, float *o, float *lse) {
-    double lse_b = m + log(l), lse_a = *lse;
-    double hi = lse_a > lse_b ? lse_a : lse_b, lo = lse_a > lse_b ? lse_b : lse_a;
-    double lse_new = isinf(lse_a) ? lse_b : hi + log1p(exp(lo - hi));
-    double wa = isinf(lse_a) ? 0.0 : exp(lse_a - lse_new);
-    double wb = exp(lse_b - lse_new) / l;
+    double wa, wb, lse_new = spar__merge_weights(*lse, m + log(l), &wa, &wb);
     for (int c = 0; c < d; c++)
-        o[c] = (float)(wa * o[c] + wb * acc[c]);
+        o[c] = (float)(wa * o[c] + wb * acc[c] / l);
     *lse = (float)lse_new;
 }
 
