@@ -133,11 +133,9 @@ static void grad_bufs_free(grad_bufs *b) {
 /* After computing step `step` into part: fold in what earlier ranks added to this block,
  * then pass the sum on (to the block's owner after the last step). */
 static int forward_gradients(ring *rg, int step, float *part, grad_bufs *b, spar_comm_op **op,
-                             double *wait) {
+                             spar_metrics *m) {
     size_t floats = block_bytes(rg, source(rg, step)) / sizeof(float);
-    double t0 = spar__now(); /* the accumulator for this block */
-    SPAR_TRY(spar_comm_op_wait(rg->comm, op));
-    *wait += spar__now() - t0;
+    SPAR_TRY(spar__wait_timed(rg->comm, op, m)); /* the accumulator for this block */
     if (step > 0) spar_vec_add((int64_t)floats, part, b->acc_in);
     if (rg->size == 1) return SPAR_OK;
     return spar_comm_ring_start(rg->comm, CHANNEL_GRAD, part, floats * sizeof(float), b->acc_in,
@@ -155,7 +153,7 @@ static int ring_backward_steps(ring *rg, const spar_attn_io *io, grad_bufs *b, s
         spar_kvblock kv = {rg->held.len,   NULL,         (int64_t)rg->row, b->kv[cur],
                            b->kv[cur] + n, b->part[cur], b->part[cur] + n};
         SPAR_TRY(spar__pass_chunk(pass, &rg->held, &kv));
-        SPAR_TRY(forward_gradients(rg, step, b->part[cur], b, grad_op, &m->wait_seconds));
+        SPAR_TRY(forward_gradients(rg, step, b->part[cur], b, grad_op, m));
         SPAR_TRY(spar__wait_timed(rg->comm, kv_op, m));
         if (prob->progress && rg->rank == 0)
             prob->progress(prob->progress_ctx, "ring backward step", step + 1, rg->size);

@@ -85,7 +85,7 @@ static int measure(spar_comm *comm, spar_experiment *x, const spar_config *cfg, 
     x->prob.kernels = &spar_kernels_none;
     if (rc == 0) rc = repeat(comm, x, 1, NULL, none);
     x->prob.kernels = real;
-    double sgemm = rc == 0 ? sgemm_yardstick(x) : 0.0;
+    pt->sgemm_gflops = rc == 0 ? sum_over_ranks(comm, sgemm_yardstick(x)) : 0.0;
     for (int pass = 0; rc == 0 && pass < (x->backward ? 2 : 1); pass++) {
         pt->time[pass] = summarize(times[pass], reps);
         pt->flops[pass] = sum_over_ranks(comm, last[pass].flops);
@@ -97,7 +97,6 @@ static int measure(spar_comm *comm, spar_experiment *x, const spar_config *cfg, 
                           ? last[pass].flops / last[pass].compute_seconds / 1e9
                           : 0;
         pt->kernel_gflops[pass] = sum_over_ranks(comm, mine);
-        pt->sgemm_gflops = sum_over_ranks(comm, sgemm);
         pt->ratio[pass] = pt->sgemm_gflops > 0 ? pt->kernel_gflops[pass] / pt->sgemm_gflops : 0;
     }
     struct rusage ru;

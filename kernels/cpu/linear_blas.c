@@ -94,15 +94,20 @@ static void add_through_state(work *w, const float *x, int ldx, bool transpose, 
     }
 }
 
-static void forward_head(work *w, const view *h, int n, int d) {
+/* The forward recurrence over blocks, for the output (x = q, y = k, z = v, state read as
+ * is) and, with x = dout, y = v, z = k and the state read transposed, for dq:
+ *   out_b = ((x_b y_b^T) (.) D) z_b + diag(lambda^(i+1)) x_b KV(^T),
+ *   KV <- lambda^L KV + (diag(lambda^(L-1-j)) k_b)^T v_b. */
+static void forward_sweep(work *w, const view *h, int n, int d, const float *x, const float *y,
+                          const float *z, bool transpose, float *out) {
     memset(w->kv, 0, sizeof(float) * (size_t)(d * d));
     for (int p0 = 0; p0 < n; p0 += B) {
         int len = n - p0 < B ? n - p0 : B;
-        block_product(h->q, h->ldq, h->k, h->ldkv, p0, len, d, w->s);
+        block_product(x, h->ldq, y, h->ldkv, p0, len, d, w->s);
         mask_decay(w, w->s, len);
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, len, d, len, 1.0f, w->s, B,
-                    h->v + (size_t)p0 * h->ldkv, h->ldkv, 0.0f, h->o + (size_t)p0 * h->ldq, h->ldq);
-        add_through_state(w, h->q, h->ldq, false, p0, len, d, false, h->o, h->ldq);
+                    z + (size_t)p0 * h->ldkv, h->ldkv, 0.0f, out + (size_t)p0 * h->ldq, h->ldq);
+        add_through_state(w, x, h->ldq, transpose, p0, len, d, false, out, h->ldq);
         update_state(w, h->k, h->ldkv, h->v, h->ldkv, p0, len, d, false);
     }
 }
@@ -125,7 +130,7 @@ int spar__linear_fwd_local_blas(const spar_linear_dims *dims, int64_t n, const f
                        .ldq = dims->heads * d,
                        .ldkv = dims->kv_heads * d};
             powers(w, dims->decay[h]);
-            forward_head(w, &hv, (int)n, d);
+            forward_sweep(w, &hv, (int)n, d, hv.q, hv.k, hv.v, false, hv.o);
         }
         work_free(w);
         if (rc != 0) {
@@ -134,21 +139,6 @@ int spar__linear_fwd_local_blas(const spar_linear_dims *dims, int64_t n, const f
         }
     }
     return status;
-}
-
-/* dQ of one head: intra (dO V^T (.) D) K, inter diag(lambda^(i+1)) dO KV^T. */
-static void dq_head(work *w, const view *h, int n, int d) {
-    memset(w->kv, 0, sizeof(float) * (size_t)(d * d));
-    for (int p0 = 0; p0 < n; p0 += B) {
-        int len = n - p0 < B ? n - p0 : B;
-        block_product(h->dout, h->ldq, h->v, h->ldkv, p0, len, d, w->s);
-        mask_decay(w, w->s, len);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, len, d, len, 1.0f, w->s, B,
-                    h->k + (size_t)p0 * h->ldkv, h->ldkv, 0.0f, h->dq + (size_t)p0 * h->ldq,
-                    h->ldq);
-        add_through_state(w, h->dout, h->ldq, true, p0, len, d, false, h->dq, h->ldq);
-        update_state(w, h->k, h->ldkv, h->v, h->ldkv, p0, len, d, false);
-    }
 }
 
 /* dK, dV of one head, added (the kv head is shared by the query group): intra through the
@@ -197,7 +187,7 @@ int spar__linear_bwd_local_blas(const spar_linear_dims *dims, int64_t n, const f
                            .ldq = dims->heads * d,
                            .ldkv = dims->kv_heads * d};
                 powers(w, dims->decay[h]);
-                dq_head(w, &hv, (int)n, d);
+                forward_sweep(w, &hv, (int)n, d, hv.dout, hv.v, hv.k, true, hv.dq);
                 dkv_head(w, &hv, (int)n, d);
             }
         }

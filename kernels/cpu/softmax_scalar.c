@@ -29,8 +29,9 @@ static bool visible(bool causal, const spar_qblock *qb, int64_t i, const spar_kv
 /* Merge one row's block result (m + log l, acc / l) into the running (o, lse). */
 static void merge_row(int d, double m, double l, const double *acc, float *o, float *lse) {
     double wa, wb, lse_new = spar__merge_weights(*lse, m + log(l), &wa, &wb);
+    wb /= l; /* acc is unnormalised */
     for (int c = 0; c < d; c++)
-        o[c] = (float)(wa * o[c] + wb * acc[c] / l);
+        o[c] = (float)(wa * o[c] + wb * acc[c]);
     *lse = (float)lse_new;
 }
 
