@@ -39,9 +39,11 @@ void spar__chunk_free(spar__chunk *c) {
 double spar_attn_flops(const spar_attn_problem *prob, int rank, bool backward) {
     const spar_partition *part = prob->part;
     if (prob->type == SPAR_ATTN_LINEAR) {
-        double d = prob->dims.head_dim, per_token = 2.0 * SPAR_LINEAR_BLOCK * d + 4.0 * d * d;
-        return (double)spar_partition_local_len(part, rank) * prob->dims.heads * per_token *
-               (backward ? 2.0 : 1.0);
+        /* the visible half of each masked B x B product; backward: the dQ sweep, dP and P,
+         * their two products, and three state products */
+        double d = prob->dims.head_dim, bd = SPAR_LINEAR_BLOCK * d;
+        double per_token = backward ? 6.0 * bd + 10.0 * d * d : 2.0 * bd + 4.0 * d * d;
+        return (double)spar_partition_local_len(part, rank) * prob->dims.heads * per_token;
     }
     double pairs = prob->causal ? (double)spar_partition_causal_pairs(part, rank)
                                 : (double)spar_partition_local_len(part, rank) * (double)part->n;

@@ -108,8 +108,9 @@ int64_t spar_linear_states_floats(const spar_attn_problem *prob);
 spar_linear_dims spar_linear_dims_of(const spar_attn_problem *prob);
 
 /* Useful flops of a pass for the queries of `rank`. Softmax: 4 d per visible (query,
- * key, head) forward, 10 d backward. Linear: per token and head, 2 B d (the masked
- * block product, B = 64) + 4 d^2 (state update and read) forward, twice that backward. */
+ * key, head) forward, 10 d backward. Linear: per token and head, 2 B d (the visible
+ * half of the masked block products, B = 64) + 4 d^2 (state update and read) forward,
+ * 6 B d + 10 d^2 backward. */
 double spar_attn_flops(const spar_attn_problem *prob, int rank, bool backward);
 
 #endif
