@@ -182,7 +182,9 @@ int spar__bench_point(spar_comm *comm, const spar_config *cfg, int index, int co
     memset(&pt, 0, sizeof pt);
     int rc = spar__experiment_setup(&x, comm, cfg);
     if (rc != 0) return rc;
-    if (index == 0 && spar_comm_rank(comm) == 0) print_header();
+    static bool header_printed; /* the first point measured (earlier ones may be skipped) */
+    if (!header_printed && spar_comm_rank(comm) == 0) print_header();
+    header_printed = true;
     spar_print0("# point %d/%d: measuring\n", index + 1, count);
     rc = measure(comm, &x, cfg, &pt);
     if (rc != 0) {

@@ -6,6 +6,10 @@
  * and `attention.heads: 8` are the same key. Every value must be a scalar: lists and
  * anchors are refused with the line they are on. Values are parsed by the key table,
  * exactly as --set parses them.
+ *
+ * `include: BASE.yaml` (the file's first key; the path is relative to the file) loads
+ * BASE first, so that every key of the including file overrides it; a sweep list in the
+ * including file replaces the base's list for that key. Includes nest up to MAX_INCLUDES.
  */
 #include <errno.h>
 #include <stdio.h>
@@ -15,13 +19,19 @@
 #include "launcher.h"
 
 #define MAX_DEPTH 8
+#define MAX_INCLUDES 8
 
 typedef struct walker {
     yaml_parser_t parser;
     spar_config *cfg;
     const char *path;
     spar_err *err;
+    int includes;     /* files above this one */
+    int keys_seen;    /* top-level keys of this file so far */
+    unsigned swept;   /* sweep slots this file has started (bit per slot) */
 } walker;
+
+static int load_file(spar_config *cfg, const char *path, int includes, spar_err *err);
 
 static int next_event(walker *w, yaml_event_t *ev) {
     if (!yaml_parser_parse(&w->parser, ev))
@@ -60,6 +70,10 @@ static int add_sweep_value(walker *w, const char *key, const char *text, int lin
                                  line, SPAR_SWEEP_KEYS);
         sw->key[sw->nkeys++] = id;
     }
+    if (!(w->swept & (1u << slot))) { /* this file's list replaces an included one */
+        w->swept |= 1u << slot;
+        sw->nvalues[slot] = 0;
+    }
     if (sw->nvalues[slot] == SPAR_SWEEP_VALUES || strlen(text) >= sizeof sw->value[0][0])
         return spar__err_set(w->err, SPAR_EINVAL,
                              "%s:%d: sweep: key %s: at most %d values of %zu characters", w->path,
@@ -94,6 +108,40 @@ static int walk_sweep(walker *w, const char *key, yaml_event_t *first) {
     }
 }
 
+/* `include: PATH`: the base file, loaded before anything of this file. */
+static int walk_include(walker *w, const yaml_event_t *ev) {
+    int line = line_of(ev);
+    if (ev->type != YAML_SCALAR_EVENT)
+        return spar__err_set(w->err, SPAR_EINVAL, "%s:%d: include: expected one file path",
+                             w->path, line);
+    if (w->keys_seen > 1)
+        return spar__err_set(w->err, SPAR_EINVAL,
+                             "%s:%d: include: must be the first key of the file (its keys "
+                             "override the included ones)",
+                             w->path, line);
+    if (w->includes >= MAX_INCLUDES)
+        return spar__err_set(w->err, SPAR_EINVAL,
+                             "%s:%d: include: files nested deeper than %d (a cycle?)", w->path,
+                             line, MAX_INCLUDES);
+    const char *name = (const char *)ev->data.scalar.value, *slash = strrchr(w->path, '/');
+    char path[1024];
+    int n = name[0] == '/' || !slash
+                ? snprintf(path, sizeof path, "%s", name)
+                : snprintf(path, sizeof path, "%.*s/%s", (int)(slash - w->path), w->path, name);
+    if (n < 0 || (size_t)n >= sizeof path)
+        return spar__err_set(w->err, SPAR_EINVAL, "%s:%d: include: path too long", w->path, line);
+    int rc = load_file(w->cfg, path, w->includes + 1, w->err);
+    for (int k = 0; k < SPAR_KEY_COUNT; k++) /* this file's keys may now override them */
+        if (w->cfg->origin[k] == SPAR_FROM_FILE) w->cfg->origin[k] = SPAR_FROM_INCLUDE;
+    if (rc != 0 && strstr(w->err->msg, "included from") == NULL) {
+        char msg[sizeof w->err->msg];
+        memcpy(msg, w->err->msg, sizeof msg);
+        snprintf(w->err->msg, sizeof w->err->msg, "%.1800s (included from %s:%d)", msg, w->path,
+                 line);
+    }
+    return rc;
+}
+
 /* The value event after key `key` (already joined with the prefix). */
 static int walk_value(walker *w, const char *key, int depth) {
     yaml_event_t ev;
@@ -105,6 +153,11 @@ static int walk_value(walker *w, const char *key, int depth) {
                              "%s:%d: key %s: anchors and aliases are not "
                              "supported",
                              w->path, line, key);
+    }
+    if (strcmp(key, "include") == 0) {
+        rc = walk_include(w, &ev);
+        yaml_event_delete(&ev);
+        return rc;
     }
     if (strncmp(key, "sweep.", 6) == 0 && ev.type != YAML_MAPPING_START_EVENT) {
         rc = walk_sweep(w, key + 6, &ev);
@@ -161,6 +214,7 @@ static int walk_mapping(walker *w, const char *prefix, int depth) {
         int n = snprintf(key, sizeof key, "%s%s%s", prefix, *prefix ? "." : "",
                          (const char *)ev.data.scalar.value);
         yaml_event_delete(&ev);
+        if (depth == 1) w->keys_seen++;
         if (n < 0 || (size_t)n >= sizeof key)
             return spar__err_set(w->err, SPAR_EINVAL, "%s: key '%.60s...' is too long", w->path,
                                  key);
@@ -189,17 +243,21 @@ static int walk_document(walker *w) {
     }
 }
 
-int spar__config_load_yaml(spar_config *cfg, const char *path, spar_err *err) {
+static int load_file(spar_config *cfg, const char *path, int includes, spar_err *err) {
     FILE *f = fopen(path, "rb");
     if (!f)
         return spar__err_set(err, SPAR_EIO, "cannot open experiment file '%s': %s", path,
                              strerror(errno));
-    snprintf(cfg->file, sizeof cfg->file, "%s", path);
-    walker w = {.cfg = cfg, .path = path, .err = err};
+    walker w = {.cfg = cfg, .path = path, .err = err, .includes = includes};
     yaml_parser_initialize(&w.parser);
     yaml_parser_set_input_file(&w.parser, f);
     int rc = walk_document(&w);
     yaml_parser_delete(&w.parser);
     fclose(f);
     return rc;
+}
+
+int spar__config_load_yaml(spar_config *cfg, const char *path, spar_err *err) {
+    snprintf(cfg->file, sizeof cfg->file, "%s", path);
+    return load_file(cfg, path, 0, err);
 }

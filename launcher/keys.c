@@ -33,6 +33,7 @@ const char *spar__origin_name(enum spar_origin origin) {
     case SPAR_FROM_FILE: return "file";
     case SPAR_FROM_COMMAND_LINE: return "--set";
     case SPAR_FROM_SWEEP: return "sweep";
+    case SPAR_FROM_INCLUDE: return "included file";
     }
     return "?";
 }

@@ -14,6 +14,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #include "spar.h"
 
@@ -118,7 +119,8 @@ enum spar_origin {
     SPAR_FROM_DEFAULT = 0,
     SPAR_FROM_FILE = 1,
     SPAR_FROM_COMMAND_LINE = 2,
-    SPAR_FROM_SWEEP = 3
+    SPAR_FROM_SWEEP = 3,
+    SPAR_FROM_INCLUDE = 4 /* a file's `include:` (which the file's own keys override) */
 };
 
 typedef struct spar_value {
@@ -144,6 +146,9 @@ typedef struct spar_config {
     int line[SPAR_KEY_COUNT]; /* line in the file where the key was set */
     char file[1024];
     spar_sweep sweep; /* from the file; not part of the run plan */
+    /* rank 0: the grid point this configuration is (sweep.c); not part of the run plan */
+    int point, points;
+    char point_id[17];
 } spar_config;
 
 /* Error text is written to err (one line naming the key, the value and what is
@@ -299,6 +304,40 @@ void spar__json_common(FILE *f, const spar_config *cfg, int ranks, const char *h
                        const char *library, const char *transport);
 /* One whole line appended with a single write() (O_APPEND): never interleaved or torn. */
 int spar__append_line(const char *path, const char *line, size_t len);
+
+/* sweep.c: the grid of a sweep: block, and the points a results file already holds. */
+int spar__grid_points(const spar_sweep *sw);
+/* The configuration of point `index`: the file, the point's values, then the --set
+ * assignments (which may not name a swept key). */
+int spar__point_config(const char *const *sets, int nsets, const spar_config *file, int index,
+                       spar_config *out, spar_err *err);
+/* Rank 0: every point valid for this world (0 = unknown), checked before anything runs;
+ * reports the first error. */
+int spar__check_grid(const char *const *sets, int nsets, const spar_config *file, int world,
+                     spar_config *scratch);
+/* The id of a point: command ("run" or "bench"), world size and every key's value. */
+void spar__point_id(const spar_config *cfg, const char *command, int ranks, char id[17]);
+typedef struct spar_done {
+    char (*ids)[17];
+    int count, cap;
+} spar_done;
+/* The ids of the finished points recorded in path (none when it does not exist). */
+int spar__results_done(const char *path, spar_done *done);
+bool spar__results_has(const spar_done *done, const char *id);
+void spar__results_done_free(spar_done *done);
+
+/* slurm.c: under a direct srun, the MPI world must have the step's task count (an
+ * error naming the fix otherwise); the job's Slurm facts as a record field. */
+int spar__slurm_check_world(int world_size);
+void spar__json_slurm(FILE *f); /* ,"slurm":{...} or ,"slurm":null */
+
+/* signals.c: SIGTERM and SIGINT (scancel, a time limit, Ctrl-C) end the program at
+ * once with status 128+signal. While a point is armed, rank 0 first appends an
+ * "interrupted" record for it (records already written are whole lines: nothing else
+ * is left behind). */
+void spar__signals_install(int rank);
+void spar__signals_arm(const spar_config *cfg, const char *command);
+void spar__signals_disarm(void);
 
 /* bench.c: one point of a benchmark grid on every rank (plan in cfg); returns a status. */
 int spar__bench_point(spar_comm *comm, const spar_config *cfg, int index, int count);

@@ -94,8 +94,6 @@ static int load_config(const cli *c, spar_config *cfg, spar_err *err) {
     return SPAR_OK;
 }
 
-static int check_grid(const cli *c, const spar_config *file, int world, spar_config *scratch);
-
 static int cmd_config(int argc, char **argv) {
     if (argc < 1) return usage_error("%s", "config needs show, check or schema");
     if (strcmp(argv[0], "schema") == 0) {
@@ -120,7 +118,7 @@ static int cmd_config(int argc, char **argv) {
         if (!point || load_config(&file_only, cfg, &err) != 0) {
             fprintf(stderr, "error: %s\n", point ? err.msg : "out of memory");
             code = SPAR_EXIT_BAD_INPUT;
-        } else if (check_grid(&c, cfg, world, point) != 0) { /* as spar bench would run it */
+        } else if (spar__check_grid(c.sets, c.nsets, cfg, world, point) != 0) { /* as run would */
             code = SPAR_EXIT_BAD_INPUT;
         } else if (show) {
             memcpy(cfg, point, sizeof *cfg); /* the last point (the only one without sweep) */
@@ -160,49 +158,6 @@ static int broadcast_plan(spar_comm *comm, spar_config *cfg, int status) {
     return rc;
 }
 
-/* Rank 0: the configuration of grid point `index` of the file's sweep: the file, then
- * the point's values, then --set (which may not name a swept key). */
-static int point_config(const cli *c, const spar_config *file, int index, spar_config *out,
-                        spar_err *err) {
-    const spar_sweep *sw = &file->sweep;
-    memcpy(out, file, sizeof *out);
-    for (int k = 0; k < sw->nkeys; k++) {
-        int which = index % sw->nvalues[k];
-        index /= sw->nvalues[k];
-        SPAR_TRY(spar__config_set(out, spar__keys[sw->key[k]].name, sw->value[k][which],
-                                  SPAR_FROM_SWEEP, 0, err));
-    }
-    for (int i = 0; i < c->nsets; i++) {
-        SPAR_TRY(spar__config_set_arg(out, c->sets[i], err));
-        for (int k = 0; k < sw->nkeys; k++)
-            if (out->origin[sw->key[k]] == SPAR_FROM_COMMAND_LINE)
-                return spar__err_set(err, SPAR_EINVAL,
-                                     "key %s is swept in %s and set with --set (allowed: one "
-                                     "of the two)",
-                                     spar__keys[sw->key[k]].name, file->file);
-    }
-    return SPAR_OK;
-}
-
-static int grid_points(const spar_sweep *sw) {
-    int count = 1;
-    for (int k = 0; k < sw->nkeys; k++)
-        count *= sw->nvalues[k];
-    return count;
-}
-
-/* Rank 0: every point valid for this world, checked before anything runs. */
-static int check_grid(const cli *c, const spar_config *file, int world, spar_config *scratch) {
-    spar_err err = {""};
-    for (int i = 0, n = grid_points(&file->sweep); i < n; i++) {
-        int rc = point_config(c, file, i, scratch, &err);
-        if (rc == 0) rc = spar__config_validate(scratch, world, &err);
-        if (rc != 0 && n == 1) return spar_errorf(rc, "%s", err.msg);
-        if (rc != 0) return spar_errorf(rc, "%s (sweep point %d of %d)", err.msg, i + 1, n);
-    }
-    return SPAR_OK;
-}
-
 /* Starts MPI with the transport the file or flags ask for (read by every rank before
  * MPI exists; errors are left for rank 0 to report once it runs). */
 static spar_comm *start_mpi(const cli *c, spar_config *scratch, int *argc, char ***argv) {
@@ -218,7 +173,50 @@ static int exit_code(int status) {
     return spar_status_is_input_error(status) ? SPAR_EXIT_BAD_INPUT : SPAR_EXIT_FAILURE;
 }
 
-/* `spar run` and `spar bench`: same start, same plan broadcast; bench loops over a grid. */
+/* Rank 0: the file alone (its sweep: grid gets the flags per point), checked for every
+ * point; the finished points of output.results. */
+static int load_grid(const cli *c, spar_comm *comm, spar_config *file, spar_config *scratch,
+                     spar_done *done) {
+    spar_err err = {""};
+    cli file_only = *c;
+    file_only.nsets = 0;
+    int rc = load_config(&file_only, file, &err);
+    if (rc != 0) return spar_errorf(rc, "%s", err.msg);
+    SPAR_TRY(spar__check_grid(c->sets, c->nsets, file, spar_comm_size(comm), scratch));
+    /* output.results may be swept or set on the command line: the last point's value */
+    return spar__results_done(scratch->v[SPAR_KEY_OUT_RESULTS].s, done);
+}
+
+static void print_point(const spar_config *file, int i, int points) {
+    printf("# point %d/%d:", i + 1, points);
+    for (int k = 0, index = i; k < file->sweep.nkeys; k++) {
+        printf(" %s=%s", spar__keys[file->sweep.key[k]].name,
+               file->sweep.value[k][index % file->sweep.nvalues[k]]);
+        index /= file->sweep.nvalues[k];
+    }
+    printf("\n");
+    fflush(stdout);
+}
+
+/* Rank 0: point i's configuration and whether its record is already in the results. */
+static bool prepare_point(const cli *c, spar_comm *comm, const spar_config *file, int i,
+                          int points, const spar_done *done, bool bench, spar_config *cfg) {
+    spar_err err;
+    if (spar__point_config(c->sets, c->nsets, file, i, cfg, &err) == 0) /* checked before */
+        spar__config_validate(cfg, spar_comm_size(comm), &err);
+    cfg->point = i, cfg->points = points;
+    spar__point_id(cfg, bench ? "bench" : "run", spar_comm_size(comm), cfg->point_id);
+    if (!spar__results_has(done, cfg->point_id)) {
+        if (!bench && points > 1) print_point(file, i, points);
+        return false;
+    }
+    printf("# point %d/%d: already in %s (point_id %s); skipped\n", i + 1, points,
+           cfg->v[SPAR_KEY_OUT_RESULTS].s, cfg->point_id);
+    return true;
+}
+
+/* `spar run` and `spar bench`: same start, same plan broadcast, over the file's sweep:
+ * grid (one point without one); points already recorded in output.results are skipped. */
 static int cmd_experiment(int argc, char **argv, bool bench) {
     cli c;
     int code = parse_cli(argc, argv, &c, bench);
@@ -236,46 +234,60 @@ static int cmd_experiment(int argc, char **argv, bool bench) {
         free(file), free(cfg), free(c.sets);
         return SPAR_EXIT_FAILURE;
     }
-    int status = SPAR_OK, points = 1;
-    if (spar_comm_rank(comm) == 0) { /* the file alone (bench) or file + flags (run) */
-        spar_err err = {""};
-        cli file_only = c;
-        file_only.nsets = bench ? 0 : c.nsets;
-        status = load_config(&file_only, file, &err);
-        if (status == 0 && !bench && file->sweep.nkeys > 0)
-            status = spar__err_set(&err, SPAR_EINVAL,
-                                   "%s: a sweep: block runs with `spar bench`, not `spar run`",
-                                   file->file);
-        if (status == 0 && !bench) status = spar__config_validate(file, spar_comm_size(comm), &err);
-        if (status != 0) spar_log_error("%s", err.msg);
-        if (status == 0 && bench) status = check_grid(&c, file, spar_comm_size(comm), cfg);
-        points = grid_points(&file->sweep);
+    spar__signals_install(spar_comm_rank(comm));
+    int status = spar__slurm_check_world(spar_comm_size(comm)), points = 1;
+    spar_done done = {0};
+    if (status == 0 && spar_comm_rank(comm) == 0) {
+        status = load_grid(&c, comm, file, cfg, &done);
+        points = spar__grid_points(&file->sweep);
     }
+    if (spar_comm_agree(comm, status, &status) != 0) status = SPAR_ECOMM;
     if (spar_comm_bcast(comm, &points, sizeof points, 0) != 0) status = SPAR_ECOMM;
+    if (status != 0) code = exit_code(status);
     for (int i = 0; i < points && code == 0; i++) {
-        spar_err err;
-        if (spar_comm_rank(comm) == 0 && status == 0) {
-            if (!bench)
-                memcpy(cfg, file, sizeof *cfg);
-            else if (point_config(&c, file, i, cfg, &err) == 0) /* checked in check_grid */
-                spar__config_validate(cfg, spar_comm_size(comm), &err);
+        int skip = spar_comm_rank(comm) == 0 &&
+                   prepare_point(&c, comm, file, i, points, &done, bench, cfg);
+        if (spar_comm_bcast(comm, &skip, sizeof skip, 0) != 0) {
+            code = SPAR_EXIT_FAILURE;
+            break;
         }
-        int rc = broadcast_plan(comm, cfg, status);
+        if (skip) continue;
+        if (spar_comm_rank(comm) == 0) spar__signals_arm(cfg, bench ? "bench" : "run");
+        int rc = broadcast_plan(comm, cfg, SPAR_OK);
         if (rc != 0)
             code = exit_code(rc);
         else if (!bench)
             code = spar__run_plan(comm, cfg);
         else if ((rc = spar__bench_point(comm, cfg, i, points)) != 0)
             code = exit_code(rc);
+        spar__signals_disarm();
     }
+    spar__results_done_free(&done);
     spar_comm_free(comm);
     free(file), free(cfg), free(c.sets);
     return code;
 }
 
-int main(int argc, char **argv) {
+/* SPAR_LOG=error|warn|info|debug (default info). */
+static int set_log_level(void) {
+    static const char *names[] = {"error", "warn", "info", "debug"};
+    static const enum spar_log_level levels[] = {SPAR_LOG_ERROR, SPAR_LOG_WARN, SPAR_LOG_INFO,
+                                                 SPAR_LOG_DEBUG};
     const char *level = getenv("SPAR_LOG");
-    if (level && strcmp(level, "debug") == 0) spar_log_set_level(SPAR_LOG_DEBUG);
+    if (!level || !*level) return 0;
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+        if (strcmp(level, names[i]) == 0) {
+            spar_log_set_level(levels[i]);
+            return 0;
+        }
+    if (rank_from_environment() == 0)
+        fprintf(stderr, "error: environment SPAR_LOG='%s' (allowed: error|warn|info|debug)\n",
+                level);
+    return 1;
+}
+
+int main(int argc, char **argv) {
+    if (set_log_level() != 0) return SPAR_EXIT_BAD_INPUT;
     if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
         usage(argc < 2 ? stderr : stdout);
         if (argc >= 2) spar__print_key_help();

@@ -252,15 +252,16 @@ t_bench_sweep_conflict() {
         bench "$f" --set sequence.length=96
 }
 
-t_run_refuses_sweep() {
+t_run_sweep_conflict() {
     local f="$TMP/run-sweep.yaml"
     printf 'sweep:\n  sequence.length: [64, 80]\n' >"$f"
-    expect_exit 2 2 "a sweep: block runs with .spar bench." -- run "$f"
+    expect_exit 2 2 "key sequence\.length is swept in .* and set with --set" -- \
+        run "$f" --set sequence.length=96
 }
 
 case_run "spar bench runs a 2 x 2 sweep grid, one JSON record per point" t_bench_sweep
 case_run "spar bench refuses --set of a swept key" t_bench_sweep_conflict
-case_run "spar run refuses a sweep: block" t_run_refuses_sweep
+case_run "spar run refuses --set of a swept key" t_run_sweep_conflict
 case_run "run.verify_tol=1e-30: verification fails, exit 3 on every rank" t_verify_failure_exit3
 case_run "config show FILE --set attention.heads=16 shows 16 from --set" t_config_show
 case_run "every key of spar config schema appears in spar --help" t_help_lists_schema_keys

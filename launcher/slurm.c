@@ -1,0 +1,70 @@
+/* slurm.c: what a job learns from Slurm, and the world-size check for srun.
+ *
+ * Slurm describes a job step in the environment of every task (SLURM_JOB_ID,
+ * SLURM_STEP_ID, SLURM_JOB_NODELIST, ...). Records carry these so that a result can be
+ * traced to its job. A task started by srun directly (not by mpirun inside an
+ * allocation, which sets OMPI_COMM_WORLD_SIZE and drops SLURM_STEP_NUM_TASKS) must see
+ * an MPI world of exactly the step's task count: srun without a working PMI plugin
+ * starts N singletons that each believe they are rank 0 of 1, and would all run the
+ * whole experiment and write the same outputs.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "launcher.h"
+
+static const char *env_or(const char *name, const char *fallback) {
+    const char *v = getenv(name);
+    return v && *v ? v : fallback;
+}
+
+int spar__slurm_check_world(int world_size) {
+    const char *tasks = env_or("SLURM_STEP_NUM_TASKS", NULL);
+    if (!tasks || getenv("OMPI_COMM_WORLD_SIZE")) return SPAR_OK; /* not a direct srun */
+    int expected = atoi(tasks);
+    if (expected <= 0 || expected == world_size) return SPAR_OK;
+    return spar_errorf(SPAR_EINVAL,
+                       "srun started %d tasks (SLURM_STEP_NUM_TASKS) but MPI sees a world of %d "
+                       "(task %s of job %s): srun did not connect the tasks through PMIx. Use "
+                       "`srun --mpi=pmix` (`srun --mpi=list` shows this cluster's plugins) or "
+                       "`mpirun` inside the allocation",
+                       expected, world_size, env_or("SLURM_PROCID", "?"),
+                       env_or("SLURM_JOB_ID", "?"));
+}
+
+static void json_field(FILE *f, const char *key, const char *env, bool first) {
+    const char *v = getenv(env);
+    fprintf(f, "%s\"%s\":", first ? "" : ",", key);
+    if (!v) {
+        fputs("null", f);
+        return;
+    }
+    fputc('"', f);
+    for (; *v; v++) /* environment values: escape what JSON needs */
+        if (*v == '"' || *v == '\\')
+            fprintf(f, "\\%c", *v);
+        else if ((unsigned char)*v < 0x20)
+            fprintf(f, "\\u%04x", *v);
+        else
+            fputc(*v, f);
+    fputc('"', f);
+}
+
+void spar__json_slurm(FILE *f) {
+    fputs(",\"slurm\":", f);
+    if (!getenv("SLURM_JOB_ID")) {
+        fputs("null", f);
+        return;
+    }
+    fputc('{', f);
+    json_field(f, "job_id", "SLURM_JOB_ID", true);
+    json_field(f, "job_name", "SLURM_JOB_NAME", false);
+    json_field(f, "step_id", "SLURM_STEP_ID", false);
+    json_field(f, "nodelist", "SLURM_JOB_NODELIST", false);
+    json_field(f, "ntasks", "SLURM_NTASKS", false);
+    json_field(f, "tasks_per_node", "SLURM_TASKS_PER_NODE", false);
+    json_field(f, "cpus_per_task", "SLURM_CPUS_PER_TASK", false);
+    json_field(f, "partition", "SLURM_JOB_PARTITION", false);
+    fputc('}', f);
+}
