@@ -329,6 +329,8 @@ void spar__results_done_free(spar_done *done);
 /* slurm.c: under a direct srun, the MPI world must have the step's task count (an
  * error naming the fix otherwise); the job's Slurm facts as a record field. */
 int spar__slurm_check_world(int world_size);
+/* Before MPI starts: srun with several tasks but no PMI at all (srun --mpi=none). */
+int spar__slurm_check_launch(void);
 void spar__json_slurm(FILE *f); /* ,"slurm":{...} or ,"slurm":null */
 
 /* signals.c: SIGTERM and SIGINT (scancel, a time limit, Ctrl-C) end the program at
@@ -338,6 +340,9 @@ void spar__json_slurm(FILE *f); /* ,"slurm":{...} or ,"slurm":null */
 void spar__signals_install(int rank);
 void spar__signals_arm(const spar_config *cfg, const char *command);
 void spar__signals_disarm(void);
+
+/* submit.c: `spar submit` (arguments after the command); returns an exit code. */
+int spar__cmd_submit(int argc, char **argv);
 
 /* bench.c: one point of a benchmark grid on every rank (plan in cfg); returns a status. */
 int spar__bench_point(spar_comm *comm, const spar_config *cfg, int index, int count);

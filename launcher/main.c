@@ -2,6 +2,8 @@
  *
  *   spar run [FILE.yaml] [--set KEY=VALUE]...     (under mpirun or srun)
  *   spar bench FILE.yaml [--set KEY=VALUE]...     (the grid of the file's sweep: block)
+ *   spar submit FILE.yaml [--set KEY=VALUE]... [SLURM OPTIONS]   (sbatch script; submit.c)
+ *   spar report FILE.jsonl [--group-by KEYS] [--csv] [--plot OUT]   (report_cmd.c)
  *   spar config show|check FILE [--set KEY=VALUE]...
  *   spar config schema                              (the key table as Markdown)
  *
@@ -29,6 +31,11 @@ static void usage(FILE *out) {
             "usage:\n"
             "  mpirun -np P spar run [FILE.yaml] [--set KEY=VALUE]...   run an experiment\n"
             "  mpirun -np P spar bench FILE.yaml [--set KEY=VALUE]...  benchmark its sweep: grid\n"
+            "  spar submit FILE.yaml [--set KEY=VALUE]... [--nodes N] [--ntasks-per-node M]\n"
+            "       [--partition P] [--time T] [--launcher srun|mpirun] [--bench] [--dry-run]\n"
+            "                                               sbatch it under Slurm (job id)\n"
+            "  spar report FILE.jsonl [--group-by KEYS] [--csv] [--plot OUT.svg|OUT.png]\n"
+            "                                               table (and plots) of recorded runs\n"
             "  spar config show FILE [--set KEY=VALUE]...   print the effective configuration\n"
             "  spar config check FILE [--set KEY=VALUE]...  validate without running\n"
             "  spar config schema                           the keys as a Markdown table\n"
@@ -228,6 +235,10 @@ static int cmd_experiment(int argc, char **argv, bool bench) {
         free(c.sets);
         return code;
     }
+    if (spar__slurm_check_launch() != 0) {
+        free(c.sets);
+        return SPAR_EXIT_BAD_INPUT;
+    }
     spar_config *file = calloc(1, sizeof *file), *cfg = calloc(1, sizeof *cfg);
     spar_comm *comm = file && cfg ? start_mpi(&c, cfg, &argc, &argv) : NULL;
     if (!comm) {
@@ -300,5 +311,7 @@ int main(int argc, char **argv) {
     if (strcmp(argv[1], "run") == 0) return cmd_experiment(argc - 2, argv + 2, false);
     if (strcmp(argv[1], "bench") == 0) return cmd_experiment(argc - 2, argv + 2, true);
     if (strcmp(argv[1], "config") == 0) return cmd_config(argc - 2, argv + 2);
-    return usage_error("unknown command '%s' (allowed: run, bench, config)", argv[1]);
+    if (strcmp(argv[1], "submit") == 0) return spar__cmd_submit(argc - 2, argv + 2);
+    return usage_error("unknown command '%s' (allowed: run, bench, submit, report, config)",
+                       argv[1]);
 }

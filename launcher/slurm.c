@@ -33,6 +33,19 @@ int spar__slurm_check_world(int world_size) {
                        env_or("SLURM_JOB_ID", "?"));
 }
 
+int spar__slurm_check_launch(void) {
+    const char *tasks = env_or("SLURM_STEP_NUM_TASKS", NULL);
+    if (!tasks || atoi(tasks) <= 1 || getenv("OMPI_COMM_WORLD_SIZE") || getenv("PMIX_RANK") ||
+        getenv("PMI_RANK") || getenv("PMI_FD"))
+        return SPAR_OK;
+    return spar_errorf(SPAR_EINVAL,
+                       "srun started %s tasks without a PMI plugin (task %s, SLURM_MPI_TYPE=%s): "
+                       "MPI cannot join them into one world. Use `srun --mpi=pmix` (`srun "
+                       "--mpi=list` shows this cluster's plugins) or `mpirun` inside the "
+                       "allocation",
+                       tasks, env_or("SLURM_PROCID", "?"), env_or("SLURM_MPI_TYPE", "none"));
+}
+
 static void json_field(FILE *f, const char *key, const char *env, bool first) {
     const char *v = getenv(env);
     fprintf(f, "%s\"%s\":", first ? "" : ",", key);

@@ -28,7 +28,7 @@ cannot() {
 
 need_tools() {
     [ "$(id -u)" = 0 ] || cannot "needs root (it starts slurmctld, slurmd and munged)"
-    for t in slurmctld slurmd munged sinfo sbatch srun; do
+    for t in slurmctld slurmd munged munge unmunge sinfo sbatch srun; do
         command -v "$t" >/dev/null || cannot "'$t' not found (apt-get install slurm-wlm munge)"
     done
 }
@@ -67,8 +67,11 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
 EOF
 }
 
+munge_answers() { munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; }
+
 start_munge() {
-    if pgrep -x munged >/dev/null; then return; fi
+    if munge_answers; then return; fi
+    pkill -x munged 2>/dev/null && sleep 0.5 # one that is stopping, or broken
     [ -s /etc/munge/munge.key ] || cannot "no /etc/munge/munge.key (munge not set up)"
     mkdir -p /run/munge /var/log/munge /var/lib/munge
     chown munge:munge /run/munge /var/log/munge /var/lib/munge /etc/munge/munge.key 2>/dev/null || true
@@ -79,6 +82,11 @@ start_munge() {
         munged --force || cannot "munged did not start"
     fi
     touch "$state/munged.ours"
+    for _ in $(seq 1 40); do
+        munge_answers && return
+        sleep 0.25
+    done
+    cannot "munged started but does not answer"
 }
 
 wait_idle() {
@@ -106,8 +114,8 @@ up() {
     mkdir -p "$state"
     write_conf "$cpus"
     start_munge
-    slurmctld -f "$conf" || cannot "slurmctld did not start (see $state/slurmctld.log)"
-    slurmd -f "$conf" || cannot "slurmd did not start (see $state/slurmd.log)"
+    timeout 30 slurmctld -f "$conf" || cannot "slurmctld did not start (see $state/slurmctld.log)"
+    timeout 30 slurmd -f "$conf" || cannot "slurmd did not start (see $state/slurmd.log)"
     wait_idle || { down >/dev/null 2>&1 || true; exit 77; }
     say "up: node $node, $cpus CPUs, partition debug; export SLURM_CONF=$conf"
 }
