@@ -341,6 +341,45 @@ void spar__signals_install(int rank);
 void spar__signals_arm(const spar_config *cfg, const char *command);
 void spar__signals_disarm(void);
 
+/* jsonl.c: one JSON record flattened: nested keys joined with '.', a numeric array kept
+ * as its largest element, a string array joined with ','. */
+typedef struct spar_json_field {
+    char key[96], text[256]; /* text: strings, true/false/null */
+    double num;
+    bool is_num;
+} spar_json_field;
+typedef struct spar_json_flat {
+    spar_json_field *f;
+    int count, cap;
+} spar_json_flat;
+int spar__json_flatten(const char *line, spar_json_flat *out); /* SPAR_EFORMAT if not JSON */
+const spar_json_field *spar__json_get(const spar_json_flat *j, const char *key);
+void spar__json_flat_free(spar_json_flat *j);
+
+/* report_cmd.c: `spar report`: records as rows of fixed columns. */
+#define SPAR_REPORT_COLUMNS 20
+typedef struct spar_report_row {
+    char text[SPAR_REPORT_COLUMNS][64];
+    double num[SPAR_REPORT_COLUMNS]; /* NAN: absent */
+    int count;                       /* records merged into this row */
+} spar_report_row;
+typedef struct spar_report {
+    spar_report_row *rows;
+    int count, cap, skipped, first_skipped;
+} spar_report;
+int spar__report_read(const char *path, spar_report *rep);
+/* A column by name or key alias (e.g. method or parallel.method); -1 if none. */
+int spar__report_column(const char *name);
+const char *spar__report_column_name(int c);
+bool spar__report_column_is_text(int c);
+/* Rows agreeing on the key columns become one: count, medians, '*' for differing text. */
+int spar__report_group(spar_report *rep, const int *keys, int nkeys);
+void spar__report_print(const spar_report *rep, bool csv, bool grouped);
+void spar__report_free(spar_report *rep);
+int spar__cmd_report(int argc, char **argv);
+/* plot.c: the report's figures drawn by gnuplot into OUT (.svg or .png). */
+int spar__report_plot(const spar_report *rep, const char *out);
+
 /* submit.c: `spar submit` (arguments after the command); returns an exit code. */
 int spar__cmd_submit(int argc, char **argv);
 

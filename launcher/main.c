@@ -312,6 +312,7 @@ int main(int argc, char **argv) {
     if (strcmp(argv[1], "bench") == 0) return cmd_experiment(argc - 2, argv + 2, true);
     if (strcmp(argv[1], "config") == 0) return cmd_config(argc - 2, argv + 2);
     if (strcmp(argv[1], "submit") == 0) return spar__cmd_submit(argc - 2, argv + 2);
+    if (strcmp(argv[1], "report") == 0) return spar__cmd_report(argc - 2, argv + 2);
     return usage_error("unknown command '%s' (allowed: run, bench, submit, report, config)",
                        argv[1]);
 }
