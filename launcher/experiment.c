@@ -110,13 +110,6 @@ int spar__run_pass(spar_comm *comm, const spar_method *method, const spar_attn_p
     return (backward ? method->backward : method->forward)(comm, prob, &io, m);
 }
 
-static void show_progress(void *ctx, const char *phase, int64_t done, int64_t total) {
-    double t0 = *(const double *)ctx;
-    printf("# progress: %s %lld/%lld (%.0f%%), %.2f s\n", phase, (long long)done, (long long)total,
-           100.0 * (double)done / (double)total, spar_comm_wtime() - t0);
-    fflush(stdout);
-}
-
 /* The decay of every head: one number for all, or the ALiBi rule. decay: [heads]. */
 void spar__decay_from_config(const spar_config *cfg, int heads, double *decay) {
     double lambda = cfg->v[SPAR_KEY_ATTN_DECAY].f;
@@ -142,7 +135,7 @@ void spar__problem_from_config(const spar_config *cfg, const spar_partition *par
         .kernels = spar_kernels_select(cfg->v[SPAR_KEY_RUN_KERNEL].s),
         .query_block = cfg->v[SPAR_KEY_RUN_QUERY_BLOCK].i,
         .head_groups = (int)cfg->v[SPAR_KEY_PAR_HEAD_GROUPS].i,
-        .progress = show_progress,
+        .progress = spar__show_progress,
     };
 }
 
@@ -168,6 +161,7 @@ int spar__experiment_setup(spar_experiment *x, spar_comm *comm, const spar_confi
         spar__problem_from_config(cfg, &x->part, x->decay, &x->prob);
         x->t0 = spar_comm_wtime();
         x->prob.progress_ctx = &x->t0;
+        if (rank == 0) spar__progress_configure(cfg);
         spar_kernels_set_threads((int)cfg->v[SPAR_KEY_RUN_THREADS].i);
         int64_t n_local = whole ? (rank == 0 ? n : 0) : spar_partition_local_len(&x->part, rank);
         rc = n_local > 0 ? spar__tensors_alloc(&x->t, n_local, &x->prob, x->backward) : SPAR_OK;

@@ -92,6 +92,12 @@ enum spar_key_type { SPAR_KT_BOOL, SPAR_KT_INT, SPAR_KT_FLOAT, SPAR_KT_ENUM, SPA
       "fastest this build has")                                                                    \
     X(RUN_THREADS, "run.threads", INT, "1", "integer >= 0; 0 = all cores", 0, 4096,                \
       "kernel threads per rank (ranks per host x threads should not exceed its cores)")            \
+    X(RUN_RESUME, "run.resume", BOOL, "true", "true|false", 0, 0,                                 \
+      "a sweep skips the points whose record output.results already holds (a restarted job "     \
+      "goes on where it stopped); false runs every point")                                        \
+    X(RUN_PROGRESS, "run.progress", ENUM, "auto", "auto|bar|lines|off", 0, 0,                    \
+      "what rank 0 shows during a run: bar (one line redrawn, with ETA), lines (timestamped, "    \
+      "for batch logs), off; auto = bar when a terminal watches, else lines")                     \
     X(RUN_QUERY_BLOCK, "run.query_block", INT, "256", "integer >= 1", 1, 1 << 30,                  \
       "queries per kernel call; the ring makes progress between calls")                            \
     X(COMM_TRANSPORT, "comm.transport", ENUM, "auto", "auto|ucx|ob1", 0, 0,                        \
@@ -379,6 +385,13 @@ void spar__report_free(spar_report *rep);
 int spar__cmd_report(int argc, char **argv);
 /* plot.c: the report's figures drawn by gnuplot into OUT (.svg or .png). */
 int spar__report_plot(const spar_report *rep, const char *out);
+
+/* progress.c: rank 0's progress display (run.progress); spar__show_progress is the
+ * engine's progress callback, its ctx a double holding the start time (wtime). */
+void spar__progress_configure(const spar_config *cfg);
+void spar__show_progress(void *ctx, const char *phase, int64_t done, int64_t total);
+/* Before point `index` (0-based) of a sweep: points done, elapsed seconds and ETA. */
+void spar__progress_point(int index, int points, double elapsed);
 
 /* submit.c: `spar submit` (arguments after the command); returns an exit code. */
 int spar__cmd_submit(int argc, char **argv);

@@ -190,7 +190,9 @@ static int load_grid(const cli *c, spar_comm *comm, spar_config *file, spar_conf
     int rc = load_config(&file_only, file, &err);
     if (rc != 0) return spar_errorf(rc, "%s", err.msg);
     SPAR_TRY(spar__check_grid(c->sets, c->nsets, file, spar_comm_size(comm), scratch));
-    /* output.results may be swept or set on the command line: the last point's value */
+    /* a single run always runs; a sweep resumes (output.results and run.resume may be
+     * swept or set on the command line: the last point's values) */
+    if (spar__grid_points(&file->sweep) == 1 || !scratch->v[SPAR_KEY_RUN_RESUME].b) return SPAR_OK;
     return spar__results_done(scratch->v[SPAR_KEY_OUT_RESULTS].s, done);
 }
 
@@ -255,7 +257,10 @@ static int cmd_experiment(int argc, char **argv, bool bench) {
     if (spar_comm_agree(comm, status, &status) != 0) status = SPAR_ECOMM;
     if (spar_comm_bcast(comm, &points, sizeof points, 0) != 0) status = SPAR_ECOMM;
     if (status != 0) code = exit_code(status);
-    for (int i = 0; i < points && code == 0; i++) {
+    double t0 = spar_comm_wtime();
+    for (int i = 0, ran = 0; i < points && code == 0; i++) {
+        if (spar_comm_rank(comm) == 0 && ran > 0) /* ETA from the points run so far */
+            spar__progress_point(ran, ran + points - i, spar_comm_wtime() - t0);
         int skip = spar_comm_rank(comm) == 0 &&
                    prepare_point(&c, comm, file, i, points, &done, bench, cfg);
         if (spar_comm_bcast(comm, &skip, sizeof skip, 0) != 0) {
@@ -263,6 +268,7 @@ static int cmd_experiment(int argc, char **argv, bool bench) {
             break;
         }
         if (skip) continue;
+        ran++;
         if (spar_comm_rank(comm) == 0) spar__signals_arm(cfg, bench ? "bench" : "run");
         int rc = broadcast_plan(comm, cfg, SPAR_OK);
         if (rc != 0)

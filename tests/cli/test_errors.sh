@@ -266,7 +266,7 @@ t_no_arguments() {
 }
 
 t_unknown_command() {
-    expect_exit 2 0 "unknown command 'frobnicate' \(allowed: run, bench, config\)" -- frobnicate
+    expect_exit 2 0 "unknown command 'frobnicate' \(allowed: run, bench, submit, report, config\)" -- frobnicate
 }
 
 t_config_check_kv() {

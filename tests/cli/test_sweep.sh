@@ -87,6 +87,17 @@ t_sweep_restart_skips_done() {
     # a changed setting is a different point: it runs again
     expect_exit 0 2 '^ring +fwd' -- run "$BASE" --set output.results="$res" --set data.seed=7
     [ "$(grep -c '"record":"run"' "$res")" -eq 4 ] || fail "a changed seed did not run again"
+    # run.resume=false runs every point again
+    expect_exit 0 2 '# point 2/2: sequence' -- run "$BASE" --set output.results="$res" --set run.resume=false
+    [ "$(grep -c '"record":"run"' "$res")" -eq 6 ] || fail "run.resume=false skipped points"
+}
+
+t_single_run_always_runs() {
+    local res="$TMP/single.jsonl"
+    printf 'sequence:\n  length: 40\nattention:\n  heads: 2\n  head_dim: 8\n' >"$TMP/one.yaml"
+    expect_exit 0 2 '^ring +fwd' -- run "$TMP/one.yaml" --set output.results="$res"
+    expect_exit 0 2 '^ring +fwd' -- run "$TMP/one.yaml" --set output.results="$res"
+    [ "$(grep -c '"record":"run"' "$res")" -eq 2 ] || fail "a repeated single run was skipped"
 }
 
 t_sigterm_leaves_whole_records() {
@@ -126,7 +137,9 @@ case_run "include: must be the first key" t_include_must_be_first
 case_run "include: cycles and missing files named" t_include_cycle_and_missing
 case_run "sweep under run: one record per point; a file's list replaces the base's" \
     t_sweep_replaces_included_list
-case_run "sweep restart skips the recorded points" t_sweep_restart_skips_done
+case_run "sweep restart skips the recorded points; run.resume=false does not" \
+    t_sweep_restart_skips_done
+case_run "a single experiment runs again whatever the results hold" t_single_run_always_runs
 case_run "SIGTERM: whole records and an interrupted record" t_sigterm_leaves_whole_records
 case_run "SPAR_LOG levels" t_log_levels
 finish
