@@ -68,6 +68,15 @@ int spar_comm_gather(spar_comm *comm, const void *send, size_t bytes, void *out,
 int spar_comm_allreduce_max_double(spar_comm *comm, double *value);
 int spar_comm_allreduce_sum_double(spar_comm *comm, double *value);
 
+/* A communicator of the ranks that pass the same color (ordered as in comm), e.g. the
+ * compute ranks of an offloaded decode; freed with spar_comm_free (which ends MPI only
+ * for the communicator of spar_comm_init). Collective over comm. */
+int spar_comm_split(spar_comm *comm, int color, spar_comm **out);
+
+/* Blocking receive of a message of unknown size (a control message): *buf is malloc'ed
+ * and holds *bytes bytes. */
+int spar_comm_recv_message(spar_comm *comm, int src, int tag, void **buf, size_t *bytes);
+
 /* Blocking point-to-point, for moving tensors between rank 0 and the others. */
 int spar_comm_send(spar_comm *comm, const void *buf, size_t bytes, int dest, int tag);
 int spar_comm_recv(spar_comm *comm, void *buf, size_t bytes, int src, int tag);

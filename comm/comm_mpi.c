@@ -21,6 +21,7 @@ struct spar_comm {
     char library[MPI_MAX_LIBRARY_VERSION_STRING];
     uint64_t bytes_sent;
     int fault_ring_rank; /* test hook: this rank's ring send targets an invalid peer */
+    spar_comm *parent;   /* a split of this one (spar_comm_split), or NULL */
 };
 
 static char transport_text[160] = "ob1 (Open MPI default)";
@@ -149,8 +150,42 @@ int spar_comm_init(spar_comm **out, int *argc, char ***argv) {
 
 void spar_comm_free(spar_comm *comm) {
     if (!comm) return;
+    if (comm->parent) { /* a split: only the communicator goes */
+        MPI_Comm_free(&comm->world);
+        free(comm);
+        return;
+    }
     MPI_Finalize();
     free(comm);
+}
+
+int spar_comm_split(spar_comm *comm, int color, spar_comm **out) {
+    spar_comm *sub = calloc(1, sizeof *sub);
+    if (!sub) return SPAR_ENOMEM;
+    *sub = *comm;
+    sub->parent = comm, sub->bytes_sent = 0;
+    int rc = MPI_Comm_split(comm->world, color, comm->rank, &sub->world);
+    if (rc == MPI_SUCCESS) rc = MPI_Comm_set_errhandler(sub->world, MPI_ERRORS_RETURN);
+    if (rc == MPI_SUCCESS) rc = MPI_Comm_rank(sub->world, &sub->rank);
+    if (rc == MPI_SUCCESS) rc = MPI_Comm_size(sub->world, &sub->size);
+    if (rc != MPI_SUCCESS) {
+        free(sub);
+        return spar_errorf(SPAR_ECOMM, "MPI_Comm_split (color %d) failed", color);
+    }
+    *out = sub;
+    return SPAR_OK;
+}
+
+int spar_comm_recv_message(spar_comm *comm, int src, int tag, void **buf, size_t *bytes) {
+    MPI_Status st;
+    int count = 0;
+    *buf = NULL, *bytes = 0;
+    SPAR_MPI_CHECK(MPI_Probe(src, tag, comm->world, &st));
+    SPAR_MPI_CHECK(MPI_Get_count(&st, MPI_BYTE, &count));
+    if (!(*buf = malloc((size_t)count + 1))) return SPAR_ENOMEM;
+    SPAR_MPI_CHECK(MPI_Recv(*buf, count, MPI_BYTE, src, tag, comm->world, MPI_STATUS_IGNORE));
+    *bytes = (size_t)count;
+    return SPAR_OK;
 }
 
 void spar_comm_abort(spar_comm *comm, int code) {

@@ -11,7 +11,8 @@
  * Defines: spar_attn_problem, spar_attn_io, spar_metrics, spar_method,
  *          spar_method_find, spar_attn_flops, spar_linear_states_floats,
  *          spar_linear_dims_of.
- * Leaves out: offloaded decode (a later issue).
+ *          Generation with a decoder (DESIGN.md 3.6): spar_model, spar_requests,
+ *          spar_generation, spar_generate_local, spar_generate_offload.
  */
 #ifndef SPAR_H
 #define SPAR_H
@@ -112,5 +113,71 @@ spar_linear_dims spar_linear_dims_of(const spar_attn_problem *prob);
  * half of the masked block products, B = 64) + 4 d^2 (state update and read) forward,
  * 6 B d + 10 d^2 backward. */
 double spar_attn_flops(const spar_attn_problem *prob, int rank, bool backward);
+
+/* ---- Generation with a decoder model (DESIGN.md 3.6) -----------------------------------
+ * A Llama-style decoder: token embedding; per layer x += Wo attn(rope(q), rope(k), v) with
+ * q, k, v = rmsnorm(x) Wq, Wk, Wv, then x += Wdown (silu(h Wgate) * (h Wup)) with
+ * h = rmsnorm(x); logits = rmsnorm(x) lm_head. Greedy: the next token is the argmax. */
+typedef struct spar_model_dims {
+    int layers, hidden, heads, kv_heads, head_dim, ffn, vocab;
+    double rope_base, norm_eps;
+} spar_model_dims;
+
+/* One layer's weights (row-major, x W with x a row):
+ *   attn_norm, ffn_norm [D]; wq [D, H d]; wk, wv [D, G d]; wo [H d, D];
+ *   w_gate, w_up [D, F]; w_down [F, D]. */
+typedef struct spar_layer_weights {
+    const float *attn_norm, *wq, *wk, *wv, *wo, *ffn_norm, *w_gate, *w_up, *w_down;
+} spar_layer_weights;
+
+typedef struct spar_model {
+    spar_model_dims dims;
+    const float *embed;       /* [V, D] */
+    const float *final_norm;  /* [D] */
+    const float *lm_head;     /* [D, V] */
+    const spar_layer_weights *layer; /* [layers] */
+    const spar_kernels *kernels;
+} spar_model;
+
+/* A batch of requests: each prompt is decoded greedily for `generate` tokens. */
+typedef struct spar_requests {
+    int count;
+    const int32_t *prompt_len;      /* [count], >= 1 */
+    const int32_t *const *prompt;   /* [count][prompt_len] token ids < vocab */
+    int generate;                   /* tokens to produce per request, >= 1 */
+} spar_requests;
+
+typedef struct spar_generation {
+    int32_t *tokens;        /* [count, generate], filled on rank 0 */
+    float *logits;          /* [count, vocab]: the logits of the last token; rank 0 */
+    double prefill_seconds; /* rank 0 */
+    double decode_seconds;
+    double *step_seconds;   /* [generate - 1]: each decode step on rank 0 (NULL: not kept) */
+    uint64_t decode_bytes;  /* sent by this rank during decode (payloads and headers) */
+    uint64_t header_bytes;  /* of those, control messages */
+    double idle_seconds;    /* compute rank: waiting for attention results during decode */
+    double kv_bytes_read;   /* attention rank: cache bytes read by attention during decode */
+    double kv_bytes_held;   /* attention rank: cache bytes at the end */
+} spar_generation;
+
+/* The whole batch on one process (comm may be NULL): the reference for offloading. */
+int spar_generate_local(const spar_model *m, const spar_requests *r, spar_generation *out);
+
+/* Offloaded decode over every rank of comm: ranks 0..C-1 compute (weights, dense layers;
+ * requests dealt round-robin), the last `attention_ranks` hold the KV cache and run only
+ * attention: by kv-head groups when they divide G, otherwise by positions (p mod K) with
+ * exact log-sum-exp merging on the compute side. `micro_batches` micro-batches of each
+ * compute rank's requests alternate so that dense layers and attention overlap. Tokens
+ * and logits end on rank 0; every rank returns the same status. */
+typedef struct spar_offload {
+    int attention_ranks, micro_batches;
+} spar_offload;
+int spar_generate_offload(spar_comm *comm, const spar_model *m, const spar_requests *r,
+                          const spar_offload *cfg, spar_generation *out);
+
+/* Bytes on the wire per token per layer in offloaded decode (payloads, both ways), for
+ * K attention ranks: head split (2 H + 2 G) d 4; position split (K H + 2 G + K H) d 4
+ * + K H 4 (q to every rank, the new k, v to one, a partial o and lse back from each). */
+double spar_offload_bytes_per_token_layer(const spar_model_dims *dims, int attention_ranks);
 
 #endif

@@ -179,6 +179,22 @@ void spar_vec_add(int64_t n, float *y, const float *x);
 void spar_softmax_merge(int64_t n, int heads, int head_dim, float *o_a, float *lse_a,
                         const float *o_b, const float *lse_b);
 
+/* ---- The dense layers of a decoder (kernels/cpu/dense.c) ------------------------------
+ * Row-major float32. RoPE rotates the halves of each head (x[e], x[e + d/2]) by the
+ * angle pos * base^(-2e/d) (head_dim even). */
+
+/* c[m, n] = a[m, k] b[k, n] (+ c when accumulate). */
+void spar_matmul(int64_t m, int64_t n, int64_t k, const float *a, const float *b, float *c,
+                 bool accumulate);
+/* out[i] = x[i] / sqrt(mean(x[i]^2) + eps) * w, rows of dim floats (out may be x). */
+void spar_rmsnorm(int64_t n, int dim, const float *x, const float *w, double eps, float *out);
+/* In place on x [n, heads, head_dim]; pos [n]. */
+void spar_rope(int64_t n, int heads, int head_dim, const int64_t *pos, double base, float *x);
+/* out = silu(gate) * up, n floats (out may be gate). */
+void spar_swiglu(int64_t n, const float *gate, const float *up, float *out);
+/* The index of the largest of n values (the first on ties). */
+int64_t spar_argmax(int64_t n, const float *x);
+
 /* The scalar backend (the oracle) and the blocked one (Lightning-style linear attention:
  * intra-block by masked Q K^T V, inter-block through a running state). */
 extern const spar_kernels spar__kernels_scalar;

@@ -45,10 +45,17 @@ enum spar_key_type { SPAR_KT_BOOL, SPAR_KT_INT, SPAR_KT_FLOAT, SPAR_KT_ENUM, SPA
       1, (double)(1LL << 40), "global sequence length N")                                          \
     X(SEQ_PARTITION, "sequence.partition", ENUM, "auto", "auto|contiguous|zigzag|stripe", 0, 0,    \
       "how tokens are split over the ranks; auto = zigzag for causal softmax, else contiguous")    \
-    X(PAR_METHOD, "parallel.method", ENUM, "auto", "auto|ring|allgather|lasp2|lasp1|local", 0, 0,  \
+    X(PAR_METHOD, "parallel.method", ENUM, "auto", "auto|ring|allgather|lasp2|lasp1|local|offload", \
+      0, 0,                                                                                        \
       "softmax: ring (K/V blocks around a ring) or allgather (LASP-2H); linear: lasp2 (one "       \
       "all-gather of memory states) or lasp1 (serial chain); local = whole sequence on rank 0; "   \
-      "auto = ring (softmax) or lasp2 (linear)")                                                   \
+      "offload (run.mode=generate): KV cache and attention on the last parallel.attention_ranks; " \
+      "auto = ring (softmax), lasp2 (linear), offload (generate on several ranks)")               \
+    X(PAR_ATTN_RANKS, "parallel.attention_ranks", INT, "1", "integer >= 1, < ranks", 1, 1 << 20,  \
+      "offload: ranks at the end of the world that hold the KV cache and run attention")          \
+    X(PAR_MICRO_BATCHES, "parallel.micro_batches", INT, "2", "integer >= 1", 1, 1 << 20,          \
+      "offload: micro-batches per compute rank, alternating so that dense layers and attention "  \
+      "overlap")                                                                                   \
     X(PAR_HEAD_GROUPS, "parallel.head_groups", INT, "0", "integer >= 0; 0 = min(kv_heads, 4)", 0,  \
       65536, "allgather: kv-head groups; group g+1 is gathered while group g computes")            \
     X(PAR_RANKS, "parallel.ranks", INT, "0", "integer >= 0", 0, 1 << 24,                           \
@@ -75,6 +82,36 @@ enum spar_key_type { SPAR_KT_BOOL, SPAR_KT_INT, SPAR_KT_FLOAT, SPAR_KT_ENUM, SPA
       "value gradient [N,G,d] (needs run.backward=true); empty = not written")                     \
     X(OUT_RESULTS, "output.results", STRING, "", "path of a JSON-lines file", 0, 0,                \
       "one record per run is appended here; empty = none")                                         \
+    X(RUN_MODE, "run.mode", ENUM, "attention", "attention|generate", 0, 0,                        \
+      "attention: one attention problem (forward, backward); generate: greedy decoding with the "  \
+      "model: section's decoder")                                                                  \
+    X(MODEL_LAYERS, "model.layers", INT, "2", "integer >= 1", 1, 4096, "decoder layers")           \
+    X(MODEL_HIDDEN, "model.hidden", INT, "0", "integer >= 0; 0 = heads x head_dim", 0, 1 << 20,    \
+      "hidden size D of the residual stream")                                                      \
+    X(MODEL_FFN, "model.ffn", INT, "0", "integer >= 0; 0 = 8 D / 3 rounded up to 8", 0, 1 << 22,  \
+      "SwiGLU inner size F")                                                                       \
+    X(MODEL_VOCAB, "model.vocab", INT, "256", "integer >= 2", 2, 1 << 24, "vocabulary size V")     \
+    X(MODEL_ROPE_BASE, "model.rope_base", FLOAT, "10000", "number > 1", 1.0000001, 1e12,          \
+      "RoPE base: angle of pair e at position p = p base^(-2e/head_dim)")                          \
+    X(MODEL_NORM_EPS, "model.norm_eps", FLOAT, "1e-5", "number > 0", 1e-30, 1.0,                   \
+      "RMSNorm epsilon")                                                                           \
+    X(MODEL_WEIGHTS, "model.weights", STRING, "", "a directory of .npy files", 0, 0,               \
+      "float32 weights (names and shapes in configs/README.md); random from data.seed when "      \
+      "empty")                                                                                     \
+    X(WORK_BATCH, "workload.batch", INT, "4", "integer >= 1", 1, 1 << 20, "requests B")           \
+    X(WORK_PROMPT_LENGTHS, "workload.prompt_lengths", STRING, "16",                                \
+      "comma-separated integers >= 1", 0, 0,                                                       \
+      "random prompts' lengths, used in turn for requests 0, 1, ... (ignored with "               \
+      "workload.prompts)")                                                                         \
+    X(WORK_PROMPTS, "workload.prompts", STRING, "", "path of a .npy file, int32 [B, L]", 0, 0,     \
+      "prompt token ids, one row per request, -1 after a shorter prompt's end; random from "      \
+      "data.seed when empty")                                                                      \
+    X(WORK_GENERATE, "workload.generate", INT, "16", "integer >= 1", 1, 1 << 20,                   \
+      "tokens generated per request (greedy)")                                                     \
+    X(OUT_TOKENS, "output.tokens", STRING, "", "path of a .npy file to write", 0, 0,               \
+      "generated token ids, int32 [B, generate]; empty = not written")                             \
+    X(OUT_LOGITS, "output.logits", STRING, "", "path of a .npy file to write", 0, 0,               \
+      "logits of each request's last generated token, float32 [B, V]; empty = not written")       \
     X(RUN_NAME, "run.name", STRING, "", "any text", 0, 0, "a label carried into the record")       \
     X(RUN_BACKWARD, "run.backward", BOOL, "false", "true|false", 0, 0,                             \
       "run the backward pass after the forward pass")                                              \
@@ -186,6 +223,12 @@ int spar__config_load_yaml(spar_config *cfg, const char *path, spar_err *err);
 
 /* validate.c: cross-key rules; world_size 0 = not known (config check). */
 int spar__config_validate(spar_config *cfg, int world_size, spar_err *err);
+int spar__check_heads(spar_config *cfg, spar_err *err); /* kv_heads resolved and checked */
+int spar__check_writable(const char *key, const char *path, spar_err *err);
+/* validate_generate.c: the rules of run.mode=generate. */
+int spar__validate_generate(spar_config *cfg, int world_size, spar_err *err);
+/* Prompt lengths of workload.prompt_lengths, used in turn: length of request b. */
+int64_t spar__prompt_length(const spar_config *cfg, int b);
 
 /* plan.c: RunPlan packing. *out is malloc'ed. */
 int spar__plan_pack(const spar_config *cfg, int world_size, uint8_t **out, size_t *len);
@@ -207,6 +250,8 @@ int spar__npy_check(const char *key, const char *path, int ndim, const int64_t *
                     spar_npy_info *info, spar_err *err);
 /* Writes a v1.0 header for float32 C-order `shape`; returns the data offset or < 0. */
 int64_t spar__npy_write_header(int fd, int ndim, const int64_t *shape);
+/* The same for another dtype (descr such as "<i4"). */
+int64_t spar__npy_write_header_as(int fd, const char *descr, int ndim, const int64_t *shape);
 
 /* tensor_io.c: rows of [N, row_floats] tensors, moved by partition. */
 typedef struct spar_row_source {
@@ -392,6 +437,27 @@ void spar__progress_configure(const spar_config *cfg);
 void spar__show_progress(void *ctx, const char *phase, int64_t done, int64_t total);
 /* Before point `index` (0-based) of a sweep: points done, elapsed seconds and ETA. */
 void spar__progress_point(int index, int points, double elapsed);
+
+/* model_io.c: a decoder's weights and the prompts (formats at the top of model_io.c). */
+typedef struct spar_loaded_model {
+    spar_model model; /* kernels left for the caller */
+    float **tensors;
+    int count;
+    spar_layer_weights *layers;
+} spar_loaded_model;
+typedef struct spar_prompts {
+    int batch;
+    int32_t *len;   /* [batch] */
+    int32_t **rows; /* [batch][len] */
+    bool owns_rows; /* each row its own allocation (else one block at rows[0]) */
+} spar_prompts;
+void spar__model_dims_of(const spar_config *cfg, spar_model_dims *md);
+int spar__model_load(const spar_config *cfg, spar_loaded_model *lm);
+void spar__model_free(spar_loaded_model *lm);
+int spar__prompts_load(const spar_config *cfg, spar_prompts *p);
+void spar__prompts_free(spar_prompts *p);
+/* generate.c: `spar run` with run.mode=generate; returns an exit code. */
+int spar__generate_plan(spar_comm *comm, const spar_config *cfg);
 
 /* submit.c: `spar submit` (arguments after the command); returns an exit code. */
 int spar__cmd_submit(int argc, char **argv);

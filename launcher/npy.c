@@ -158,12 +158,17 @@ int spar__npy_check(const char *key, const char *path, int ndim, const int64_t *
 }
 
 int64_t spar__npy_write_header(int fd, int ndim, const int64_t *shape) {
+    return spar__npy_write_header_as(fd, "<f4", ndim, shape);
+}
+
+int64_t spar__npy_write_header_as(int fd, const char *descr, int ndim, const int64_t *shape) {
     char dict[256], shp[128];
     shape_text(ndim, shape, shp, sizeof shp);
     if (ndim == 1) /* a one-element tuple needs its comma */
         snprintf(shp, sizeof shp, "(%lld,)", (long long)shape[0]);
     int n =
-        snprintf(dict, sizeof dict, "{'descr': '<f4', 'fortran_order': False, 'shape': %s, }", shp);
+        snprintf(dict, sizeof dict, "{'descr': '%s', 'fortran_order': False, 'shape': %s, }", descr,
+                 shp);
     size_t total = 10 + (size_t)n + 1; /* magic+version+len, dict, newline */
     size_t pad = (64 - total % 64) % 64;
     size_t hlen = (size_t)n + pad + 1;

@@ -150,6 +150,7 @@ static int finish(spar_run_result *res, int code) {
 
 /* Everything after the plan is known on every rank. Returns an exit code. */
 int spar__run_plan(spar_comm *comm, const spar_config *cfg) {
+    if (strcmp(cfg->v[SPAR_KEY_RUN_MODE].s, "generate") == 0) return spar__generate_plan(comm, cfg);
     int rank = spar_comm_rank(comm), worst = 0;
     spar__print_settings(cfg, spar_comm_size(comm), spar_comm_transport(comm));
     spar_experiment x;

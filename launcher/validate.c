@@ -101,7 +101,7 @@ static int check_backward(const spar_config *cfg, spar_err *err) {
     return SPAR_OK;
 }
 
-static int check_heads(spar_config *cfg, spar_err *err) {
+int spar__check_heads(spar_config *cfg, spar_err *err) {
     int64_t h = key_int(cfg, SPAR_KEY_ATTN_HEADS), g = key_int(cfg, SPAR_KEY_ATTN_KV_HEADS);
     if (g == 0) /* resolve the default here so that every rank sees the same number */
         cfg->v[SPAR_KEY_ATTN_KV_HEADS].i = g = h;
@@ -143,7 +143,7 @@ static int check_sizes(const spar_config *cfg, spar_err *err) {
 }
 
 /* The directory of `path` must accept a new file: try one. */
-static int check_writable(const char *key, const char *path, spar_err *err) {
+int spar__check_writable(const char *key, const char *path, spar_err *err) {
     struct stat st;
     if (stat(path, &st) == 0 && S_ISDIR(st.st_mode))
         return spar__err_set(err, SPAR_EIO, "key %s: '%s' is a directory (allowed: a file path)",
@@ -188,9 +188,15 @@ static int check_inputs(const spar_config *cfg, spar_err *err) {
 }
 
 int spar__config_validate(spar_config *cfg, int world_size, spar_err *err) {
+    if (strcmp(key_str(cfg, SPAR_KEY_RUN_MODE), "generate") == 0)
+        return spar__validate_generate(cfg, world_size, err);
+    if (strcmp(key_str(cfg, SPAR_KEY_PAR_METHOD), "offload") == 0)
+        return spar__err_set(err, SPAR_EINVAL,
+                             "key parallel.method: 'offload' with run.mode=attention (allowed: "
+                             "ring|allgather|lasp2|lasp1|local; offload serves run.mode=generate)");
     SPAR_TRY(check_methods(cfg, err));
     SPAR_TRY(check_type_keys(cfg, err));
-    SPAR_TRY(check_heads(cfg, err));
+    SPAR_TRY(spar__check_heads(cfg, err));
     SPAR_TRY(check_backward(cfg, err));
     SPAR_TRY(check_ranks(cfg, world_size, err));
     SPAR_TRY(check_sizes(cfg, err));
@@ -199,7 +205,7 @@ int spar__config_validate(spar_config *cfg, int world_size, spar_err *err) {
                                   SPAR_KEY_OUT_DK, SPAR_KEY_OUT_DV,  SPAR_KEY_OUT_RESULTS};
     for (size_t i = 0; i < sizeof outputs / sizeof outputs[0]; i++) {
         const char *path = key_str(cfg, outputs[i]);
-        if (*path) SPAR_TRY(check_writable(spar__keys[outputs[i]].name, path, err));
+        if (*path) SPAR_TRY(spar__check_writable(spar__keys[outputs[i]].name, path, err));
     }
     return SPAR_OK;
 }

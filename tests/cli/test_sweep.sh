@@ -102,28 +102,35 @@ t_single_run_always_runs() {
 
 t_sigterm_leaves_whole_records() {
     local res="$TMP/term.jsonl"
-    # a long single run: 2 ranks, the scalar kernels, big enough to take several seconds
+    # a single run of several seconds (2 ranks, the scalar kernels), stopped in its second
+    # ring step
     LAST_COMMAND="mpirun -np 2 spar run (killed with SIGTERM)"
-    timeout -k 5 60 "$MPIEXEC" -np 2 --oversubscribe \
-        "$SPAR" run --set sequence.length=16384 --set run.kernel=scalar --set attention.heads=8 \
+    : >"$OUT" # emptied now: the loop below must not see an earlier case's progress lines
+    # SIGTERM goes to mpirun itself, as from a shell or a batch system (under `timeout`,
+    # which signals its whole process group, mpirun may kill the ranks first)
+    "$MPIEXEC" -np 2 --oversubscribe \
+        "$SPAR" run --set sequence.length=6144 --set run.kernel=scalar --set attention.heads=8 \
         --set output.results="$res" >"$OUT" 2>&1 &
     local pid=$! i=0
-    while ! grep -q '^# progress' "$OUT" 2>/dev/null && [ $i -lt 300 ]; do
+    (sleep 90 && kill -9 "$pid") >/dev/null 2>&1 &
+    local watchdog=$!
+    while ! grep -q '^# progress' "$OUT" 2>/dev/null && [ $i -lt 600 ]; do
         sleep 0.1; i=$((i + 1))
     done
     kill -TERM "$pid"
     wait "$pid"
     local rc=$?
+    kill "$watchdog" 2>/dev/null
     [ "$rc" -ne 0 ] || { show_output; fail "a terminated job exited 0"; }
     [ "$rc" -ne 124 ] && [ "$rc" -ne 137 ] || { show_output; fail "SIGTERM did not stop the job (rc $rc)"; }
-    grep -q 'spar: terminated (SIGTERM' "$OUT" || { show_output; fail "no message about SIGTERM"; }
-    "$PYTHON3" - "$res" <<'EOF' || fail "results after SIGTERM are not whole records"
+    # (the message on stderr may be lost as mpirun exits; the Slurm test checks it in a log)
+    "$PYTHON3" - "$res" <<'EOF' || { show_output; fail "results after SIGTERM are not whole records"; }
 import json, sys
 lines = open(sys.argv[1]).read().splitlines(keepends=True)
 assert lines and all(l.endswith("\n") for l in lines), lines
 recs = [json.loads(l) for l in lines]
 assert recs[-1]["record"] == "interrupted" and recs[-1]["signal"] == "SIGTERM", recs[-1]
-assert recs[-1]["settings"]["sequence.length"] == 16384
+assert recs[-1]["settings"]["sequence.length"] == 6144
 EOF
 }
 

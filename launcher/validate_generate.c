@@ -1,0 +1,108 @@
+/* validate_generate.c: the rules of run.mode=generate (greedy decoding with a decoder
+ * model), checked on rank 0 before anything is loaded; "auto" and 0 defaults resolved
+ * here so that every rank and every record sees the same model. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "launcher.h"
+
+int64_t spar__prompt_length(const spar_config *cfg, int b) {
+    const char *list = cfg->v[SPAR_KEY_WORK_PROMPT_LENGTHS].s;
+    int64_t values[256];
+    int n = 0;
+    for (const char *p = list; *p && n < 256;) {
+        char *end;
+        values[n++] = strtoll(p, &end, 10);
+        p = *end == ',' ? end + 1 : end;
+        if (end == p && *p) break;
+    }
+    return n ? values[b % n] : 0;
+}
+
+static int check_lengths(const spar_config *cfg, spar_err *err) {
+    const char *list = cfg->v[SPAR_KEY_WORK_PROMPT_LENGTHS].s, *p = list;
+    int count = 0;
+    while (*p) {
+        char *end;
+        long long v = strtoll(p, &end, 10);
+        if (end == p || v < 1 || v > (1LL << 30) || (*end && *end != ',') || ++count > 256)
+            return spar__err_set(err, SPAR_EINVAL,
+                                 "key workload.prompt_lengths: '%s' (allowed: up to 256 "
+                                 "comma-separated integers from 1 to 2^30)",
+                                 list);
+        p = *end ? end + 1 : end;
+    }
+    if (count == 0)
+        return spar__err_set(err, SPAR_EINVAL,
+                             "key workload.prompt_lengths: empty (allowed: integers >= 1)");
+    return SPAR_OK;
+}
+
+static int check_model(spar_config *cfg, spar_err *err) {
+    int64_t d = cfg->v[SPAR_KEY_ATTN_HEAD_DIM].i, h = cfg->v[SPAR_KEY_ATTN_HEADS].i;
+    if (d % 2 != 0)
+        return spar__err_set(err, SPAR_EINVAL,
+                             "key attention.head_dim: %lld with run.mode=generate (allowed: an "
+                             "even number; RoPE rotates pairs)",
+                             (long long)d);
+    if (strcmp(cfg->v[SPAR_KEY_ATTN_TYPE].s, "softmax") != 0 || !cfg->v[SPAR_KEY_ATTN_CAUSAL].b)
+        return spar__err_set(err, SPAR_EINVAL,
+                             "keys attention.type/causal: %s/%s with run.mode=generate "
+                             "(allowed: softmax/true; the decoder is causal softmax attention)",
+                             cfg->v[SPAR_KEY_ATTN_TYPE].s,
+                             cfg->v[SPAR_KEY_ATTN_CAUSAL].b ? "true" : "false");
+    if (cfg->v[SPAR_KEY_MODEL_HIDDEN].i == 0) cfg->v[SPAR_KEY_MODEL_HIDDEN].i = h * d;
+    if (cfg->v[SPAR_KEY_MODEL_FFN].i == 0)
+        cfg->v[SPAR_KEY_MODEL_FFN].i = (8 * cfg->v[SPAR_KEY_MODEL_HIDDEN].i / 3 + 7) / 8 * 8;
+    const char *dir = cfg->v[SPAR_KEY_MODEL_WEIGHTS].s;
+    struct stat st;
+    if (*dir && (stat(dir, &st) != 0 || !S_ISDIR(st.st_mode)))
+        return spar__err_set(err, SPAR_EIO,
+                             "key model.weights: '%s' is not a directory (allowed: a directory "
+                             "of .npy files, see configs/README.md)",
+                             dir);
+    return SPAR_OK;
+}
+
+static int check_method(spar_config *cfg, int world, spar_err *err) {
+    char *method = cfg->v[SPAR_KEY_PAR_METHOD].s;
+    int64_t k = cfg->v[SPAR_KEY_PAR_ATTN_RANKS].i;
+    if (strcmp(method, "auto") == 0)
+        snprintf(method, sizeof cfg->v[0].s, "%s", world == 1 ? "local" : "offload");
+    if (strcmp(method, "local") != 0 && strcmp(method, "offload") != 0)
+        return spar__err_set(err, SPAR_EINVAL,
+                             "key parallel.method: '%s' with run.mode=generate (allowed: "
+                             "offload|local)",
+                             method);
+    int64_t want = cfg->v[SPAR_KEY_PAR_RANKS].i, p = world > 0 ? world : want;
+    if (world > 0 && want > 0 && want != world)
+        return spar__err_set(err, SPAR_EINVAL,
+                             "key parallel.ranks: the plan needs %lld ranks but the job has %d "
+                             "(start it with -np %lld, or set parallel.ranks=0)",
+                             (long long)want, world, (long long)want);
+    if (strcmp(method, "offload") == 0 && p > 0 && k >= p)
+        return spar__err_set(err, SPAR_EINVAL,
+                             "key parallel.attention_ranks: %lld in a job of %lld ranks "
+                             "(allowed: 1 to %lld, leaving at least one compute rank)",
+                             (long long)k, (long long)p, (long long)(p - 1));
+    return SPAR_OK;
+}
+
+int spar__validate_generate(spar_config *cfg, int world_size, spar_err *err) {
+    if (!spar_kernels_select(cfg->v[SPAR_KEY_RUN_KERNEL].s) ||
+        strcmp(cfg->v[SPAR_KEY_RUN_KERNEL].s, "none") == 0)
+        return spar__err_set(err, SPAR_EUNSUP,
+                             "key run.kernel: '%s' with run.mode=generate (allowed: %s, not none)",
+                             cfg->v[SPAR_KEY_RUN_KERNEL].s, spar_kernels_names());
+    SPAR_TRY(spar__check_heads(cfg, err));
+    SPAR_TRY(check_model(cfg, err));
+    SPAR_TRY(check_lengths(cfg, err));
+    SPAR_TRY(check_method(cfg, world_size, err));
+    static const int outputs[] = {SPAR_KEY_OUT_TOKENS, SPAR_KEY_OUT_LOGITS, SPAR_KEY_OUT_RESULTS};
+    for (size_t i = 0; i < sizeof outputs / sizeof outputs[0]; i++)
+        if (*cfg->v[outputs[i]].s)
+            SPAR_TRY(spar__check_writable(spar__keys[outputs[i]].name, cfg->v[outputs[i]].s, err));
+    return SPAR_OK;
+}
