@@ -18,6 +18,7 @@ typedef struct served {  /* one micro-batch of one compute rank */
     int32_t *ids;
     spar__cache *caches; /* [count] */
     float *buf, *reply;  /* receive and reply buffers */
+    float *lse;          /* by heads: the lse the reply leaves out [heads_per] */
 } served;
 
 typedef struct server {
@@ -75,7 +76,8 @@ static int admit(server *w, int c, int m, const spar__header *h) {
     int64_t floats = (2 * most * part > h->count * per_token ? 2 * most * part : h->count * per_token);
     s->buf = malloc(sizeof(float) * (size_t)(floats + 1));
     s->reply = malloc(sizeof(float) * (size_t)(h->count * spar__reply_floats(&w->sp) + 1));
-    return s->buf && s->reply ? SPAR_OK : SPAR_ENOMEM;
+    s->lse = malloc(sizeof(float) * (size_t)w->sp.heads_per);
+    return s->buf && s->reply && s->lse ? SPAR_OK : SPAR_ENOMEM;
 }
 
 static int receive_prompts(server *w, int c, int m) {
@@ -117,8 +119,7 @@ static int serve_layer(server *w, int c, int m, int layer, int step) {
             SPAR_TRY(spar__cache_put(cache, layer, rows, kv + j * 2 * kf, kv + j * 2 * kf + kf));
             rows++, j++;
         }
-        float scratch_lse[1024], *l = sp->by_heads ? scratch_lse : lse + (int64_t)i * sp->heads_per;
-        if (sp->by_heads && sp->heads_per > 1024) return SPAR_EUNSUP;
+        float *l = sp->by_heads ? s->lse : lse + (int64_t)i * sp->heads_per;
         SPAR_TRY(spar__attend_one(w->m->kernels, &dims, cache, layer, rows, s->buf + i * qf,
                                   o + i * qf, l));
         w->out->kv_bytes_read += (double)rows * (double)cache->row * 2.0 * sizeof(float);
@@ -201,7 +202,7 @@ int spar__offload_serve(spar_comm *comm, const spar_model *m, const spar_request
             served *s = &w.mb[c][mi];
             for (int i = 0; s->caches && i < s->count; i++)
                 spar__cache_free(&s->caches[i]);
-            free(s->ids), free(s->caches), free(s->buf), free(s->reply);
+            free(s->ids), free(s->caches), free(s->buf), free(s->reply), free(s->lse);
         }
     for (int c = 0; w.mb && c < sp->compute; c++)
         free(w.mb[c]);

@@ -2,13 +2,16 @@
  *
  *   spar submit FILE.yaml [--set KEY=VALUE]... [--nodes N] [--ntasks-per-node M]
  *               [--partition P] [--time T] [--launcher srun|mpirun] [--bench] [--dry-run]
+ *               [--attention-partition Q]
  *
  * The script comes from a template compiled in from launcher/slurm/ (srun --mpi=pmix, or
  * mpirun inside the allocation for sites without PMIx). Resources come from the
  * experiment: parallel.ranks tasks (or --nodes x --ntasks-per-node when it is 0), one
  * node unless --nodes says otherwise, run.threads CPUs per task. The experiment is
  * checked for that many ranks before anything is submitted, so a bad file fails here
- * rather than in the queue.
+ * rather than in the queue. With --attention-partition (offloaded generation) the job is
+ * heterogeneous: compute ranks in component 0, attention ranks in component 1 on their
+ * own partition (memory-heavy nodes), one srun across both.
  */
 #define _GNU_SOURCE /* vasprintf, realpath */
 #include <ctype.h>
@@ -22,10 +25,10 @@
 
 #include "launcher.h"
 
-extern const char spar__template_srun[], spar__template_mpirun[];
+extern const char spar__template_srun[], spar__template_mpirun[], spar__template_srun_hetjob[];
 
 typedef struct submit_opts {
-    const char *file, *partition, *time, *launcher;
+    const char *file, *partition, *time, *launcher, *attention_partition;
     const char **sets;
     int nsets, nodes, tasks_per_node;
     bool dry_run, bench, help;
@@ -41,13 +44,15 @@ static int bad(const char *fmt, const char *arg) {
 static void submit_usage(void) {
     printf("usage: spar submit FILE.yaml [--set KEY=VALUE]... [--nodes N] [--ntasks-per-node M]\n"
            "                  [--partition P] [--time T] [--launcher srun|mpirun] [--bench]\n"
-           "                  [--dry-run]\n\n"
+           "                  [--attention-partition Q] [--dry-run]\n\n"
            "Writes an sbatch script for the experiment and submits it (prints the job id);\n"
            "--dry-run prints the script instead. Tasks: parallel.ranks (or N x M when it is 0);\n"
            "nodes: 1 unless --nodes; CPUs per task: run.threads. --launcher mpirun starts the\n"
            "ranks with mpirun inside the allocation (for sites whose srun has no PMIx);\n"
            "--bench runs `spar bench` instead of `spar run`. --time takes Slurm's formats\n"
-           "(MM, HH:MM:SS, D-HH:MM).\n");
+           "(MM, HH:MM:SS, D-HH:MM). --attention-partition Q (offloaded generation) makes a\n"
+           "heterogeneous job: the compute ranks on --partition (nodes x tasks per node),\n"
+           "the parallel.attention_ranks attention ranks on Q, one srun over both.\n");
 }
 
 /* A positive count for option `name`. */
@@ -78,7 +83,8 @@ static int parse_submit(int argc, char **argv, submit_opts *o) {
         const char *a = argv[i], *val = i + 1 < argc ? argv[i + 1] : NULL;
         bool takes = strcmp(a, "--set") == 0 || strcmp(a, "--nodes") == 0 ||
                      strcmp(a, "--ntasks-per-node") == 0 || strcmp(a, "--partition") == 0 ||
-                     strcmp(a, "--time") == 0 || strcmp(a, "--launcher") == 0;
+                     strcmp(a, "--time") == 0 || strcmp(a, "--launcher") == 0 ||
+                     strcmp(a, "--attention-partition") == 0;
         if (takes && !val) return bad("%s needs a value", a);
         if (takes) i++;
         int rc = 0;
@@ -91,6 +97,9 @@ static int parse_submit(int argc, char **argv, submit_opts *o) {
         else if (strcmp(a, "--partition") == 0 && !made_of(val, "_-."))
             return bad("--partition '%s' (allowed: letters, digits, _ - .)", val);
         else if (strcmp(a, "--partition") == 0) o->partition = val;
+        else if (strcmp(a, "--attention-partition") == 0 && !made_of(val, "_-."))
+            return bad("--attention-partition '%s' (allowed: letters, digits, _ - .)", val);
+        else if (strcmp(a, "--attention-partition") == 0) o->attention_partition = val;
         else if (strcmp(a, "--time") == 0 && !made_of(val, ":-"))
             return bad("--time '%s' (allowed: Slurm's MM, HH:MM:SS or D-HH:MM)", val);
         else if (strcmp(a, "--time") == 0) o->time = val;
@@ -103,12 +112,18 @@ static int parse_submit(int argc, char **argv, submit_opts *o) {
         if (rc) return rc;
     }
     if (!o->file && !o->help) return bad("%s", "an experiment FILE is required");
+    if (o->attention_partition && strcmp(o->launcher, "srun") != 0)
+        return bad("%s", "--attention-partition needs --launcher srun (one srun spans the two "
+                         "components of a heterogeneous job)");
     return 0;
 }
 
-/* Tasks and nodes from the experiment and the flags; an error names the conflict. */
-static int layout(const submit_opts *o, const spar_config *file, int *nodes, int *per_node) {
-    int ranks = (int)file->v[SPAR_KEY_PAR_RANKS].i;
+/* Tasks and nodes from the experiment and the flags; an error names the conflict. With
+ * `attention` > 0 (a heterogeneous job) the nodes and tasks per node are those of the
+ * compute ranks; the attention ranks come on top. */
+static int layout(const submit_opts *o, const spar_config *file, int attention, int *nodes,
+                  int *per_node) {
+    int ranks = (int)file->v[SPAR_KEY_PAR_RANKS].i, compute = ranks ? ranks - attention : 0;
     *nodes = o->nodes ? o->nodes : 1;
     if (ranks == 0 && !o->tasks_per_node) {
         fprintf(stderr, "error: spar submit: how many ranks? %s leaves parallel.ranks at 0: set "
@@ -120,13 +135,33 @@ static int layout(const submit_opts *o, const spar_config *file, int *nodes, int
         *per_node = o->tasks_per_node;
         return 0;
     }
-    *per_node = o->tasks_per_node ? o->tasks_per_node : ranks / *nodes;
-    if (*per_node * *nodes != ranks) {
-        fprintf(stderr, "error: spar submit: parallel.ranks=%d does not fit %d node(s) x %d "
-                        "task(s) per node (allowed: nodes x ntasks-per-node = parallel.ranks)\n",
-                ranks, *nodes, o->tasks_per_node ? o->tasks_per_node : ranks / *nodes);
+    *per_node = o->tasks_per_node ? o->tasks_per_node : (compute > 0 ? compute / *nodes : 0);
+    if (compute < 1 || *per_node * *nodes != compute) {
+        fprintf(stderr, "error: spar submit: parallel.ranks=%d%s does not fit %d node(s) x %d "
+                        "task(s) per node (allowed: nodes x ntasks-per-node = parallel.ranks%s)\n",
+                ranks, attention ? " less the attention ranks" : "", *nodes, *per_node,
+                attention ? " - parallel.attention_ranks" : "");
         return SPAR_EXIT_BAD_INPUT;
     }
+    return 0;
+}
+
+/* The attention ranks of a heterogeneous job: the experiment must offload. */
+static int attention_tasks(const submit_opts *o, spar_config *cfg, int *k) {
+    *k = 0;
+    if (!o->attention_partition) return 0;
+    spar_err err;
+    if (strcmp(cfg->v[SPAR_KEY_RUN_MODE].s, "generate") != 0 ||
+        (strcmp(cfg->v[SPAR_KEY_PAR_METHOD].s, "offload") != 0 &&
+         strcmp(cfg->v[SPAR_KEY_PAR_METHOD].s, "auto") != 0)) {
+        spar__err_set(&err, SPAR_EINVAL,
+                      "spar submit: --attention-partition with run.mode=%s, parallel.method=%s "
+                      "(allowed: run.mode=generate with parallel.method=offload)",
+                      cfg->v[SPAR_KEY_RUN_MODE].s, cfg->v[SPAR_KEY_PAR_METHOD].s);
+        fprintf(stderr, "error: %s\n", err.msg);
+        return SPAR_EXIT_BAD_INPUT;
+    }
+    *k = (int)cfg->v[SPAR_KEY_PAR_ATTN_RANKS].i;
     return 0;
 }
 
@@ -201,7 +236,8 @@ static char *command_args(const submit_opts *o, const char *config) {
     return buf;
 }
 
-static char *script_text(const submit_opts *o, const spar_config *cfg, int nodes, int per_node) {
+static char *script_text(const submit_opts *o, const spar_config *cfg, int nodes, int per_node,
+                         int attention) {
     char name[64], when[32], cwd[4096], exe[4096], config[4096];
     time_t now = time(NULL);
     strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", gmtime(&now));
@@ -229,16 +265,18 @@ static char *script_text(const submit_opts *o, const spar_config *cfg, int nodes
                           o->time ? "#SBATCH --time=" : "", o->time ? o->time : "")},
         {"SPAR", quoted_exe},
         {"COMMAND", printed("%s", o->bench ? "bench" : "run")},
+        {"ATTENTION_PARTITION", printed("%s", o->attention_partition ? o->attention_partition : "")},
+        {"ATTENTION_TASKS", printed("%d", attention)},
         {"ARGS", command_args(o, config)},
     };
     int count = (int)(sizeof fills / sizeof fills[0]);
     bool ok = true;
     for (int i = 0; i < count; i++)
         ok = ok && fills[i].value;
-    char *text = ok ? render(strcmp(o->launcher, "srun") == 0 ? spar__template_srun
-                                                               : spar__template_mpirun,
-                             fills, count)
-                    : NULL;
+    const char *tpl = o->attention_partition            ? spar__template_srun_hetjob
+                      : strcmp(o->launcher, "srun") == 0 ? spar__template_srun
+                                                         : spar__template_mpirun;
+    char *text = ok ? render(tpl, fills, count) : NULL;
     for (int i = 0; i < count; i++)
         free(fills[i].value);
     return text;
@@ -280,7 +318,7 @@ int spar__cmd_submit(int argc, char **argv) {
     int code = parse_submit(argc, argv, &o);
     spar_config *file = calloc(1, sizeof *file), *scratch = calloc(1, sizeof *scratch);
     spar_err err = {""};
-    int nodes = 0, per_node = 0;
+    int nodes = 0, per_node = 0, attention = 0;
     if (code == 0 && o.help) {
         submit_usage();
     } else if (code == 0 && (!file || !scratch)) {
@@ -293,15 +331,18 @@ int spar__cmd_submit(int argc, char **argv) {
         } else if (spar__point_config(o.sets, o.nsets, file, 0, scratch, &err) != 0) {
             fprintf(stderr, "error: %s\n", err.msg);
             code = SPAR_EXIT_BAD_INPUT;
-        } else if ((code = layout(&o, scratch, &nodes, &per_node)) == 0 &&
-                   spar__check_grid(o.sets, o.nsets, file, nodes * per_node, scratch) != 0) {
+        } else if ((code = attention_tasks(&o, scratch, &attention)) == 0 &&
+                   (code = layout(&o, scratch, attention, &nodes, &per_node)) == 0 &&
+                   spar__check_grid(o.sets, o.nsets, file, nodes * per_node + attention,
+                                    scratch) != 0) {
             code = SPAR_EXIT_BAD_INPUT;
         }
     }
-    char *text = code == 0 && !o.help ? script_text(&o, scratch, nodes, per_node) : NULL;
+    char *text =
+        code == 0 && !o.help ? script_text(&o, scratch, nodes, per_node, attention) : NULL;
     if (code == 0 && !o.help && !text) code = SPAR_EXIT_FAILURE;
     if (text && o.dry_run) fputs(text, stdout);
-    if (text && !o.dry_run) code = sbatch(text, &o, nodes * per_node);
+    if (text && !o.dry_run) code = sbatch(text, &o, nodes * per_node + attention);
     free(text), free(file), free(scratch), free(o.sets);
     return code;
 }

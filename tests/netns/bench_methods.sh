@@ -14,7 +14,8 @@ for rate in 1gbit 10gbit; do
         for np in 2 4; do
             echo "# rate=$rate P=$np $cfg"
             bash "$here/hosts.sh" run "$np" -- "$spar" bench "$top/configs/bench/$cfg.yaml" \
-                --set output.results="$results" --set bench.repeats=3 | grep -Ev '^#   |^# point'
+                --set output.results="$results" --set bench.repeats=3 --set run.resume=false |
+                grep -Ev '^#   |^# point'
         done
     done
     bash "$here/hosts.sh" down >/dev/null

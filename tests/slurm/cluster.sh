@@ -6,7 +6,8 @@
 #                              /run/spar-slurm), starts munged (unless one runs),
 #                              slurmctld and slurmd, and waits until the node is idle.
 #                              The node offers N CPUs (default 8, more than this
-#                              machine's cores: partition `debug` oversubscribes).
+#                              machine's cores: partitions `debug`, the default, and
+#                              `memory` (the same node, for heterogeneous jobs) oversubscribe).
 #                              Clients find the cluster through SLURM_CONF:
 #                                export SLURM_CONF=/run/spar-slurm/slurm.conf
 #   cluster.sh down            stops what `up` started and removes the state
@@ -64,6 +65,7 @@ SlurmctldLogFile=$state/slurmctld.log
 SlurmdLogFile=$state/slurmd.log
 NodeName=$node CPUs=$cpus RealMemory=1024 State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE
+PartitionName=memory Nodes=ALL Default=NO MaxTime=INFINITE State=UP OverSubscribe=FORCE
 EOF
 }
 
