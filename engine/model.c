@@ -105,17 +105,9 @@ int spar__cache_put(spar__cache *c, int layer, int64_t index, const float *k, co
 
 int spar__attend_one(const spar_kernels *kern, const spar_attn_dims *dims, const spar__cache *c,
                      int layer, int64_t rows, const float *q, float *o, float *lse) {
-    spar_softmax_init_partial(1, dims->heads, dims->head_dim, o, lse);
-    if (rows == 0) return SPAR_OK; /* nothing held here: the empty partial */
+    (void)kern; /* one kernel for every backend: decode is bound by reading the cache */
     size_t at = (size_t)(layer * c->cap * c->row);
-    spar_qblock qb = {.n = 1,
-                      .stride_q = (int64_t)dims->heads * dims->head_dim,
-                      .stride_lse = dims->heads,
-                      .q = q,
-                      .o = o,
-                      .lse = lse};
-    spar_kvblock kb = {.n = rows, .stride_kv = c->row, .k = c->k + at, .v = c->v + at};
-    return kern->softmax_fwd_block(dims, false, &qb, &kb);
+    return spar_decode_attention(dims, rows, c->k + at, c->v + at, c->row, q, o, lse);
 }
 
 /* Causal attention of a whole prompt over itself (n rows, positions 0..n-1). */

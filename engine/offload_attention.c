@@ -112,6 +112,7 @@ static int serve_layer(server *w, int c, int m, int layer, int step) {
     spar_attn_dims dims = spar__model_attn_dims(sp->md, sp->heads_per, sp->kv_per);
     const float *kv = s->buf + s->count * qf;
     float *o = s->reply, *lse = s->reply + s->count * qf;
+    double t0 = spar_comm_wtime();
     for (int i = 0, j = 0; i < s->count; i++) {
         spar__cache *cache = &s->caches[i];
         int64_t rows = cache->len;
@@ -124,6 +125,7 @@ static int serve_layer(server *w, int c, int m, int layer, int step) {
                                   o + i * qf, l));
         w->out->kv_bytes_read += (double)rows * (double)cache->row * 2.0 * sizeof(float);
     }
+    w->out->attend_seconds += spar_comm_wtime() - t0;
     SPAR_TRY(spar_comm_sendrecv_start(w->comm, m % 4, s->reply,
                                       sizeof(float) * (size_t)(s->count * spar__reply_floats(sp)),
                                       c, NULL, 0, -1, &op));
@@ -181,6 +183,10 @@ static int serve(server *w) {
                 w->out->kv_bytes_held += 2.0 * (double)w->mb[c][m].caches[i].len *
                                          (double)w->mb[c][m].caches[i].row *
                                          (double)w->m->dims.layers * sizeof(float);
+    /* the yardstick: a triad over as many bytes as the cache, so both read from the same
+     * level of the memory hierarchy */
+    int64_t floats = (int64_t)(w->out->kv_bytes_held / 12.0);
+    w->out->triad_gbs = spar_kernels_triad_gbs(floats > (1 << 20) ? floats : (1 << 20), 0.2);
     return SPAR_OK;
 }
 

@@ -158,6 +158,8 @@ typedef struct spar_generation {
     double idle_seconds;    /* compute rank: waiting for attention results during decode */
     double kv_bytes_read;   /* attention rank: cache bytes read by attention during decode */
     double kv_bytes_held;   /* attention rank: cache bytes at the end */
+    double attend_seconds;  /* attention rank: in decode attention (reading the cache) */
+    double triad_gbs;       /* attention rank: STREAM triad on a working set like its cache */
 } spar_generation;
 
 /* The whole batch on one process (comm may be NULL): the reference for offloading. */

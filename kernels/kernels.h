@@ -192,6 +192,18 @@ void spar_rmsnorm(int64_t n, int dim, const float *x, const float *w, double eps
 void spar_rope(int64_t n, int heads, int head_dim, const int64_t *pos, double base, float *x);
 /* out = silu(gate) * up, n floats (out may be gate). */
 void spar_swiglu(int64_t n, const float *gate, const float *up, float *out);
+/* Decode attention: one query token q [H, d] over n cached keys and values (rows of
+ * stride_kv floats, kv head g at g d), o [H, d] and lse [H] overwritten (n = 0: the empty
+ * partial). Each kv head's rows are read once for its whole query group. At most 64
+ * query heads per kv head. */
+int spar_decode_attention(const spar_attn_dims *dims, int64_t n, const float *k, const float *v,
+                          int64_t stride_kv, const float *q, float *o, float *lse);
+
+/* Memory bandwidth of a STREAM-style triad a = b + s c over arrays of `floats` floats
+ * (bytes counted: two reads and a write per element), best of runs for min_seconds, on
+ * the calling thread: the yardstick for decode's cache reads. */
+double spar_kernels_triad_gbs(int64_t floats, double min_seconds);
+
 /* The index of the largest of n values (the first on ties). */
 int64_t spar_argmax(int64_t n, const float *x);
 

@@ -56,7 +56,9 @@ static int write_npy(const char *path, const char *descr, int ndim, const int64_
 
 /* What every rank measured, gathered on rank 0. */
 typedef struct figures {
-    double v[6]; /* decode bytes, header bytes, idle s, kv bytes read, kv bytes held, decode s */
+    /* decode bytes, header bytes, idle s, kv bytes read, kv bytes held, decode s, attend s,
+     * triad GB/s */
+    double v[8];
 } figures;
 
 static int cmp_double(const void *a, const void *b) {
@@ -78,11 +80,16 @@ static void report(const spar_config *cfg, spar_comm *comm, const spar_generatio
     bool offload = strcmp(cfg->v[SPAR_KEY_PAR_METHOD].s, "offload") == 0;
     int K = offload ? (int)cfg->v[SPAR_KEY_PAR_ATTN_RANKS].i : 0, C = P - K;
     double bytes = 0, headers = 0, idle = 0, kv_read = 0, kv_held = 0, steps = (double)(G - 1);
+    double busy_gbs = 0, fraction = INFINITY, triad = 0; /* the slowest attention rank's */
     for (int r = 0; r < P; r++) {
         bytes += all[r].v[0], headers += all[r].v[1];
         if (r < C) idle = fmax(idle, all[r].v[2]);
         kv_read = fmax(kv_read, all[r].v[3]), kv_held = fmax(kv_held, all[r].v[4]);
+        double rate = all[r].v[6] > 0 ? all[r].v[3] / all[r].v[6] / 1e9 : 0;
+        if (r >= C && all[r].v[7] > 0 && rate / all[r].v[7] < fraction)
+            fraction = rate / all[r].v[7], busy_gbs = rate, triad = all[r].v[7];
     }
+    if (!isfinite(fraction)) fraction = 0;
     double per_tok = steps > 0 ? (bytes - headers) / (B * steps * md->layers) : 0;
     double formula = offload ? spar_offload_bytes_per_token_layer(md, K) : 0;
     double *st = malloc(sizeof(double) * (size_t)(G > 1 ? G - 1 : 1));
@@ -93,13 +100,13 @@ static void report(const spar_config *cfg, spar_comm *comm, const spar_generatio
     double tps = g->decode_seconds > 0 ? B * steps / g->decode_seconds : 0;
     const char *split = !offload ? "-" : md->kv_heads % K == 0 ? "heads" : "positions";
     printf("# method  ranks compute attn  split        B gen layers  prefill_s   tok/s  step_p50_ms "
-           "step_p99_ms  B/tok/layer  formula  idle  kvread_GB/s  kv_MiB/rank\n");
+           "step_p99_ms  B/tok/layer  formula  idle  kv_GB/s  triad  x_triad  kv_MiB/rank\n");
     printf("%-8s %6d %7d %4d  %-9s %4d %3d %6d %10.3f %7.1f %12.3f %12.3f %12.0f %8.0f %5.2f "
-           "%12.3f %12.2f\n",
+           "%8.2f %6.2f %8.2f %12.2f\n",
            cfg->v[SPAR_KEY_PAR_METHOD].s, P, C, K, split, B, G, md->layers, g->prefill_seconds, tps,
            p50 * 1e3, p99 * 1e3, per_tok, formula,
-           g->decode_seconds > 0 ? idle / g->decode_seconds : 0,
-           g->decode_seconds > 0 ? kv_read / g->decode_seconds / 1e9 : 0, kv_held / 1048576.0);
+           g->decode_seconds > 0 ? idle / g->decode_seconds : 0, busy_gbs, triad, fraction,
+           kv_held / 1048576.0);
     const char *path = cfg->v[SPAR_KEY_OUT_RESULTS].s;
     if (!*path) return;
     char *buf = NULL, *hosts = calloc((size_t)P, 64);
@@ -114,10 +121,12 @@ static void report(const spar_config *cfg, spar_comm *comm, const spar_generatio
                "\"tokens_per_s\":%.9g,\"step_ms_p50\":%.9g,\"step_ms_p99\":%.9g,"
                "\"bytes_per_token_layer\":%.9g,\"bytes_per_token_layer_formula\":%.9g,"
                "\"header_bytes_per_step\":%.9g,\"idle_fraction\":%.6g,\"kv_read_bytes_max\":%.9g,"
-               "\"kv_held_bytes_max\":%.9g,",
+               "\"kv_held_bytes_max\":%.9g,\"kv_read_gbs_busy\":%.9g,\"triad_gbs\":%.9g,"
+               "\"kv_read_fraction_of_triad\":%.6g,",
             P, C, K, split, g->prefill_seconds, g->decode_seconds, tps, p50 * 1e3, p99 * 1e3,
             per_tok, formula, steps > 0 ? headers / steps : 0,
-            g->decode_seconds > 0 ? idle / g->decode_seconds : 0, kv_read, kv_held);
+            g->decode_seconds > 0 ? idle / g->decode_seconds : 0, kv_read, kv_held, busy_gbs, triad,
+            fraction);
     spar__json_common(f, cfg, 0, hosts, spar_comm_library(comm), spar_comm_transport(comm));
     fputs("}\n", f);
     fclose(f);
@@ -169,7 +178,8 @@ int spar__generate_plan(spar_comm *comm, const spar_config *cfg) {
             spar_comm_abort(comm, SPAR_EXIT_FAILURE);
         }
         figures mine = {{(double)g.decode_bytes, (double)g.header_bytes, g.idle_seconds,
-                         g.kv_bytes_read, g.kv_bytes_held, g.decode_seconds}};
+                         g.kv_bytes_read, g.kv_bytes_held, g.decode_seconds, g.attend_seconds,
+                         g.triad_gbs}};
         figures *all = calloc((size_t)P, sizeof *all);
         rc = all ? spar_comm_gather(comm, &mine, sizeof mine, all, 0) : SPAR_ENOMEM;
         if (rc == 0 && rank == 0) {

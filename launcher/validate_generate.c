@@ -53,6 +53,11 @@ static int check_model(spar_config *cfg, spar_err *err) {
                              "(allowed: softmax/true; the decoder is causal softmax attention)",
                              cfg->v[SPAR_KEY_ATTN_TYPE].s,
                              cfg->v[SPAR_KEY_ATTN_CAUSAL].b ? "true" : "false");
+    if (h / cfg->v[SPAR_KEY_ATTN_KV_HEADS].i > 64)
+        return spar__err_set(err, SPAR_EUNSUP,
+                             "keys attention.heads/kv_heads: %lld query heads per kv head with "
+                             "run.mode=generate (allowed: at most 64)",
+                             (long long)(h / cfg->v[SPAR_KEY_ATTN_KV_HEADS].i));
     if (cfg->v[SPAR_KEY_MODEL_HIDDEN].i == 0) cfg->v[SPAR_KEY_MODEL_HIDDEN].i = h * d;
     if (cfg->v[SPAR_KEY_MODEL_FFN].i == 0)
         cfg->v[SPAR_KEY_MODEL_FFN].i = (8 * cfg->v[SPAR_KEY_MODEL_HIDDEN].i / 3 + 7) / 8 * 8;

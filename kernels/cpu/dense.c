@@ -2,7 +2,9 @@
  * SwiGLU and greedy choice. The products run on OpenBLAS where the build has it, on
  * plain loops otherwise; the rest is elementwise. */
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "kernels.h"
 
@@ -69,5 +71,32 @@ int64_t spar_argmax(int64_t n, const float *x) {
     int64_t best = 0;
     for (int64_t i = 1; i < n; i++)
         if (x[i] > x[best]) best = i;
+    return best;
+}
+
+double spar_kernels_triad_gbs(int64_t floats, double min_seconds) {
+    float *a = malloc(sizeof(float) * (size_t)floats), *b = malloc(sizeof(float) * (size_t)floats),
+          *c = malloc(sizeof(float) * (size_t)floats);
+    double best = 0.0;
+    if (a && b && c) {
+        for (int64_t i = 0; i < floats; i++)
+            a[i] = 0.0f, b[i] = 1.0f, c[i] = 2.0f;
+        struct timespec t0, t1, start;
+        clock_gettime(CLOCK_MONOTONIC, &start);
+        for (int run = 0;; run++) {
+            clock_gettime(CLOCK_MONOTONIC, &t0);
+            for (int64_t i = 0; i < floats; i++)
+                a[i] = b[i] + 0.5f * c[i];
+            clock_gettime(CLOCK_MONOTONIC, &t1);
+            double dt = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
+            double gbs = dt > 0 ? 3.0 * sizeof(float) * (double)floats / dt / 1e9 : 0.0;
+            best = gbs > best ? gbs : best;
+            double total = (double)(t1.tv_sec - start.tv_sec) +
+                           1e-9 * (double)(t1.tv_nsec - start.tv_nsec);
+            if (run >= 2 && total >= min_seconds) break;
+        }
+        best += 0.0 * a[floats / 2]; /* the stores are used: not optimised away */
+    }
+    free(a), free(b), free(c);
     return best;
 }
