@@ -107,6 +107,17 @@ int spar_comm_reduce_scatter_start(spar_comm *comm, const float *send, float *re
                                    const int64_t *counts, spar_comm_op **op);
 
 int spar_comm_op_test(spar_comm *comm, spar_comm_op *op, int *done);
+
+/* Waits that give up: after `seconds` (> 0; 0 = no limit) without completion they return
+ * SPAR_ECOMM with an error naming the peer and `what` was awaited (the operation stays
+ * posted: the caller is expected to end the job). For peers that may stop answering, such
+ * as the attention ranks of offloaded decode. */
+int spar_comm_op_wait_for(spar_comm *comm, spar_comm_op **op, double seconds, int peer,
+                          const char *what);
+int spar_comm_recv_for(spar_comm *comm, void *buf, size_t bytes, int src, int tag, double seconds,
+                       const char *what);
+/* Until a message from src with tag is there to receive (then spar_comm_recv_message). */
+int spar_comm_probe_for(spar_comm *comm, int src, int tag, double seconds, const char *what);
 int spar_comm_op_wait(spar_comm *comm, spar_comm_op **op);
 
 #endif

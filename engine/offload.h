@@ -26,6 +26,7 @@ enum { SPAR__TAG_HEADER = 7200, SPAR__TAG_PREFILL = 7201, SPAR__OFFLOAD_VERSION 
 typedef struct spar__split {
     int compute, K;          /* compute ranks C, attention ranks K */
     bool by_heads;           /* K divides G */
+    double timeout;          /* seconds to wait for a peer (0: no limit) */
     int heads_per, kv_per;   /* by heads: query and kv heads per attention rank */
     const spar_model_dims *md;
 } spar__split;
@@ -58,7 +59,7 @@ int spar__header_send(spar_comm *comm, int dest, const spar__header *h, uint64_t
 /* Receives one header from src into h (ids and positions malloc'ed; free with
  * spar__header_free); SPAR_EFORMAT, with an error naming the sender, if it does not
  * parse or holds more than max_count requests. */
-int spar__header_recv(spar_comm *comm, int src, int max_count, spar__header *h);
+int spar__header_recv(spar_comm *comm, int src, int max_count, double timeout, spar__header *h);
 void spar__header_free(spar__header *h);
 
 /* The attention side of spar_generate_offload. */

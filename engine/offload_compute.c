@@ -159,7 +159,8 @@ static int gather_o(compute *w, mbatch *b) {
     int64_t qf = spar__q_floats(sp), hd = (int64_t)md->heads * md->head_dim;
     double t0 = spar_comm_wtime();
     for (int a = 0; a < sp->K; a++)
-        SPAR_TRY(spar_comm_op_wait(w->comm, &b->ops[a]));
+        SPAR_TRY(spar_comm_op_wait_for(w->comm, &b->ops[a], sp->timeout, sp->compute + a,
+                                       "attention output"));
     w->out->idle_seconds += spar_comm_wtime() - t0;
     if (!sp->by_heads) spar_softmax_init_partial(b->count, md->heads, md->head_dim, b->s.o, b->s.lse);
     for (int a = 0; a < sp->K; a++) {
@@ -288,6 +289,7 @@ int spar_generate_offload(spar_comm *comm, const spar_model *m, const spar_reque
         return spar_errorf(SPAR_EINVAL, "offload: %d attention ranks in a world of %d (allowed: "
                                         "1 .. world - 1, leaving a compute rank)", K, world);
     spar__split sp = spar__split_of(&m->dims, world, K);
+    sp.timeout = cfg->timeout;
     int micro = cfg->micro_batches > 0 ? cfg->micro_batches : 1;
     if (spar_comm_rank(comm) < sp.compute)
         return compute_side(comm, m, r, &sp, micro, out);

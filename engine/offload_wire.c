@@ -71,10 +71,11 @@ int spar__header_send(spar_comm *comm, int dest, const spar__header *h, uint64_t
     return rc;
 }
 
-int spar__header_recv(spar_comm *comm, int src, int max_count, spar__header *h) {
+int spar__header_recv(spar_comm *comm, int src, int max_count, double timeout, spar__header *h) {
     void *buf = NULL;
     size_t len = 0;
     *h = (spar__header){0};
+    SPAR_TRY(spar_comm_probe_for(comm, src, SPAR__TAG_HEADER, timeout, "a control message"));
     SPAR_TRY(spar_comm_recv_message(comm, src, SPAR__TAG_HEADER, &buf, &len));
     StepHeader *msg = step_header__unpack(NULL, len, buf);
     free(buf);

@@ -173,6 +173,7 @@ int spar_generate_local(const spar_model *m, const spar_requests *r, spar_genera
  * and logits end on rank 0; every rank returns the same status. */
 typedef struct spar_offload {
     int attention_ranks, micro_batches;
+    double timeout; /* seconds a rank waits for a peer before failing (0: no limit) */
 } spar_offload;
 int spar_generate_offload(spar_comm *comm, const spar_model *m, const spar_requests *r,
                           const spar_offload *cfg, spar_generation *out);

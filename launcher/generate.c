@@ -170,7 +170,8 @@ int spar__generate_plan(spar_comm *comm, const spar_config *cfg) {
     if (rc == 0 && (!g.tokens || !g.logits || !g.step_seconds)) rc = SPAR_ENOMEM;
     if (rc == 0) rc = spar_comm_barrier(comm);
     if (rc == 0) {
-        spar_offload oc = {K, (int)cfg->v[SPAR_KEY_PAR_MICRO_BATCHES].i};
+        spar_offload oc = {K, (int)cfg->v[SPAR_KEY_PAR_MICRO_BATCHES].i,
+                           cfg->v[SPAR_KEY_COMM_TIMEOUT].f};
         int run = offload ? spar_generate_offload(comm, &lm.model, &req, &oc, &g)
                           : rank == 0 ? spar_generate_local(&lm.model, &req, &g) : SPAR_OK;
         if (run != 0) {

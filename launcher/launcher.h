@@ -137,6 +137,9 @@ enum spar_key_type { SPAR_KT_BOOL, SPAR_KT_INT, SPAR_KT_FLOAT, SPAR_KT_ENUM, SPA
       "for batch logs), off; auto = bar when a terminal watches, else lines")                     \
     X(RUN_QUERY_BLOCK, "run.query_block", INT, "256", "integer >= 1", 1, 1 << 30,                  \
       "queries per kernel call; the ring makes progress between calls")                            \
+    X(COMM_TIMEOUT, "comm.timeout", FLOAT, "600", "number >= 0 (seconds); 0 = no limit", 0, 1e9,  \
+      "offloaded decode: how long a rank waits for a peer before it stops the job, naming the "   \
+      "peer (a stopped or unreachable attention rank)")                                           \
     X(COMM_TRANSPORT, "comm.transport", ENUM, "auto", "auto|ucx|ob1", 0, 0,                        \
       "Open MPI PML: ucx where UCX works (auto), or ob1")
 

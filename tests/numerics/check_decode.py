@@ -10,7 +10,8 @@ decode (K = 1, 2, 3 attention ranks; head and position splits; MHA and GQA; 1 an
 micro-batches; 1 and 2 compute ranks; prompts of different lengths) must give the same
 tokens as local decode over 64 steps and logits within 1e-5; its bytes per token per
 layer must equal the formula. A control message that lies about a position must be
-rejected with an error naming the sender and the field.
+rejected with an error naming the sender and the field, and an attention rank that stops
+answering must end the job after comm.timeout with an error naming it.
 
   check_decode.py --np P    runs the offload cases that fit P ranks (P = 1: reference)
 """
@@ -18,6 +19,7 @@ import argparse
 import os
 import sys
 import tempfile
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import REL_L2_TOL, last_record, rel_l2, require_environment, run_spar  # noqa: E402
@@ -169,6 +171,27 @@ def check_corrupt_header(pb, np_ranks):
     print("ok - a control message with a wrong position is rejected, naming sender and field")
 
 
+def check_stalled_attention_rank(pb, np_ranks):
+    """An attention rank that stops answering (SIGSTOP at step 3): the compute rank gives up
+    after comm.timeout, naming it, and the job ends."""
+    sets = dict(pb["sets"])
+    sets.update({"parallel.method": "offload", "parallel.attention_ranks": 1,
+                 "workload.generate": 8, "comm.timeout": 2})
+    os.environ["SPAR_TEST_FAULT"] = "stall:3"
+    start = time.monotonic()
+    try:
+        proc = run_spar(np_ranks, sets, pb["dir"], expect_rc=1)
+    finally:
+        del os.environ["SPAR_TEST_FAULT"]
+    took = time.monotonic() - start
+    text = proc.stdout + proc.stderr
+    want = f"no answer from rank {np_ranks - 1} for 2.0 s (comm.timeout)"
+    assert want in text, f"no timeout naming the attention rank:\n{text[-2000:]}"
+    assert took < 30, f"the job took {took:.1f} s to stop"
+    print(f"ok - a stopped attention rank: the job stops after comm.timeout ({took:.1f} s), "
+          f"naming rank {np_ranks - 1}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--np", type=int, required=True)
@@ -182,6 +205,7 @@ def main():
             check_offload(mha, local["mha"], 2, 1, 1)
             check_offload(gqa, local["gqa"], 2, 1, 2)
             check_corrupt_header(mha, 2)
+            check_stalled_attention_rank(mha, 2)
         if args.np >= 3:
             check_offload(mha, local["mha"], 3, 2, 2)   # heads: 2 kv heads each
             check_offload(gqa, local["gqa"], 3, 2, 1)   # heads: 1 kv head each
