@@ -78,7 +78,7 @@ static void report(const spar_config *cfg, spar_comm *comm, const spar_generatio
     int P = spar_comm_size(comm), B = (int)cfg->v[SPAR_KEY_WORK_BATCH].i;
     int G = (int)cfg->v[SPAR_KEY_WORK_GENERATE].i;
     bool offload = strcmp(cfg->v[SPAR_KEY_PAR_METHOD].s, "offload") == 0;
-    int K = offload ? (int)cfg->v[SPAR_KEY_PAR_ATTN_RANKS].i : 0, C = P - K;
+    int K = offload ? (int)cfg->v[SPAR_KEY_PAR_ATTN_RANKS].i : 0, C = offload ? P - K : 1;
     double bytes = 0, headers = 0, idle = 0, kv_read = 0, kv_held = 0, steps = (double)(G - 1);
     double busy_gbs = 0, fraction = INFINITY, triad = 0; /* the slowest attention rank's */
     for (int r = 0; r < P; r++) {
