@@ -84,7 +84,8 @@ int spar__cache_alloc(spar__cache *c, int layers, int64_t cap, int kv_heads, int
                        .kv_heads = kv_heads,
                        .head_dim = head_dim,
                        .head_stride = padded * head_dim};
-    size_t kfloats = (size_t)(layers * kv_heads * c->head_stride), vfloats = (size_t)(layers * cap * c->row);
+    size_t kfloats = (size_t)(layers * kv_heads * c->head_stride),
+           vfloats = (size_t)(layers * cap * c->row);
     c->k = calloc(kfloats ? kfloats : 1, sizeof(float)); /* the padding is read, never used */
     c->v = malloc(sizeof(float) * (vfloats ? vfloats : 1));
     if (!c->k || !c->v) {

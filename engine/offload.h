@@ -24,10 +24,10 @@
 enum { SPAR__TAG_HEADER = 7200, SPAR__TAG_PREFILL = 7201, SPAR__OFFLOAD_VERSION = 1 };
 
 typedef struct spar__split {
-    int compute, K;          /* compute ranks C, attention ranks K */
-    bool by_heads;           /* K divides G */
-    double timeout;          /* seconds to wait for a peer (0: no limit) */
-    int heads_per, kv_per;   /* by heads: query and kv heads per attention rank */
+    int compute, K;        /* compute ranks C, attention ranks K */
+    bool by_heads;         /* K divides G */
+    double timeout;        /* seconds to wait for a peer (0: no limit) */
+    int heads_per, kv_per; /* by heads: query and kv heads per attention rank */
     const spar_model_dims *md;
 } spar__split;
 
@@ -50,7 +50,7 @@ bool spar__holds(const spar__split *sp, int a, int64_t p);
 typedef struct spar__header {
     int step, micro_batch, compute_rank, count;
     bool stop;
-    int32_t *ids;      /* [count] */
+    int32_t *ids;       /* [count] */
     int64_t *positions; /* [count] */
 } spar__header;
 

@@ -14,7 +14,7 @@
 
 #include "offload.h"
 
-typedef struct served {  /* one micro-batch of one compute rank */
+typedef struct served { /* one micro-batch of one compute rank */
     int count;
     int32_t *ids;
     spar__cache *caches; /* [count] */
@@ -27,9 +27,9 @@ typedef struct server {
     const spar_model *m;
     const spar_requests *r;
     spar__split sp;
-    int a;        /* attention index 0..K-1 */
-    int *M;       /* micro-batches per compute rank */
-    served **mb;  /* [compute][M] */
+    int a;       /* attention index 0..K-1 */
+    int *M;      /* micro-batches per compute rank */
+    served **mb; /* [compute][M] */
     spar_generation *out;
 } server;
 
@@ -43,8 +43,10 @@ static int check_header(server *w, const spar__header *h, int c, int m, int step
         what = "request count", want = s->count, got = h->count;
     for (int i = 0; !what && step > 0 && !h->stop && i < h->count; i++) {
         int64_t expect = w->r->prompt_len[s->ids[i]] + step - 1;
-        if (h->ids[i] != s->ids[i]) what = "request id", want = s->ids[i], got = h->ids[i];
-        else if (h->positions[i] != expect) what = "position", want = expect, got = h->positions[i];
+        if (h->ids[i] != s->ids[i])
+            what = "request id", want = s->ids[i], got = h->ids[i];
+        else if (h->positions[i] != expect)
+            what = "position", want = expect, got = h->positions[i];
     }
     for (int i = 0; !what && step == 0 && i < h->count; i++)
         if (h->ids[i] < 0 || h->ids[i] >= w->r->count ||
@@ -74,7 +76,8 @@ static int admit(server *w, int c, int m, const spar__header *h) {
         most = len > most ? len : most;
     }
     int64_t per_token = q + 2 * part;
-    int64_t floats = (2 * most * part > h->count * per_token ? 2 * most * part : h->count * per_token);
+    int64_t floats =
+        (2 * most * part > h->count * per_token ? 2 * most * part : h->count * per_token);
     s->buf = malloc(sizeof(float) * (size_t)(floats + 1));
     s->reply = malloc(sizeof(float) * (size_t)(h->count * spar__reply_floats(&w->sp) + 1));
     s->lse = malloc(sizeof(float) * (size_t)w->sp.heads_per);
@@ -91,7 +94,8 @@ static int receive_prompts(server *w, int c, int m) {
             SPAR_TRY(spar_comm_recv_for(w->comm, s->buf, sizeof(float) * (size_t)(2 * rows * part),
                                         c, SPAR__TAG_PREFILL, w->sp.timeout, "a prompt's K/V"));
             for (int64_t p = 0; p < rows; p++)
-                SPAR_TRY(spar__cache_put(cache, l, p, s->buf + p * part, s->buf + (rows + p) * part));
+                SPAR_TRY(
+                    spar__cache_put(cache, l, p, s->buf + p * part, s->buf + (rows + p) * part));
         }
         cache->len = rows;
     }
@@ -122,8 +126,7 @@ static int serve_layer(server *w, int c, int m, int layer, int step) {
             rows++, j++;
         }
         float *l = sp->by_heads ? s->lse : lse + (int64_t)i * sp->heads_per;
-        SPAR_TRY(spar__attend_one(&dims, cache, layer, rows, s->buf + i * qf,
-                                  o + i * qf, l));
+        SPAR_TRY(spar__attend_one(&dims, cache, layer, rows, s->buf + i * qf, o + i * qf, l));
         w->out->kv_bytes_read += (double)rows * (double)cache->row * 2.0 * sizeof(float);
     }
     w->out->attend_seconds += spar_comm_wtime() - t0;
@@ -178,8 +181,10 @@ static int serve(server *w) {
         bool ok = h.stop && h.compute_rank == c && h.step == r->generate;
         spar__header_free(&h);
         if (!ok)
-            return spar_errorf(SPAR_EFORMAT, "offload: attention rank %d expected the end of "
-                                             "compute rank %d's session", w->sp.compute + w->a, c);
+            return spar_errorf(SPAR_EFORMAT,
+                               "offload: attention rank %d expected the end of "
+                               "compute rank %d's session",
+                               w->sp.compute + w->a, c);
     }
     for (int c = 0; c < w->sp.compute; c++)
         for (int m = 0; m < w->M[c]; m++)
@@ -196,7 +201,11 @@ static int serve(server *w) {
 
 int spar__offload_serve(spar_comm *comm, const spar_model *m, const spar_requests *r,
                         const spar__split *sp, int micro_batches, spar_generation *out) {
-    server w = {.comm = comm, .m = m, .r = r, .sp = *sp, .out = out,
+    server w = {.comm = comm,
+                .m = m,
+                .r = r,
+                .sp = *sp,
+                .out = out,
                 .a = spar_comm_rank(comm) - sp->compute};
     w.M = calloc((size_t)sp->compute, sizeof(int));
     w.mb = calloc((size_t)sp->compute, sizeof(served *));

@@ -28,7 +28,7 @@ typedef struct compute {
     spar__split sp;
     int c, M, owned;
     mbatch *mb;
-    float *logits; /* [owned, V] */
+    float *logits;   /* [owned, V] */
     int32_t *tokens; /* [owned, generate] */
     spar_generation *out;
     uint64_t header_bytes;
@@ -76,8 +76,13 @@ static int send_headers(compute *w, const mbatch *b, int m, int step, bool stop)
     const char *fault = getenv("SPAR_TEST_FAULT"); /* test hook: header:STEP lies */
     if (fault && strncmp(fault, "header:", 7) == 0 && atoi(fault + 7) == step && b->count)
         pos[0] += 1;
-    spar__header h = {.step = step, .micro_batch = m, .compute_rank = w->c, .count = b->count,
-                      .stop = stop, .ids = b->ids, .positions = pos};
+    spar__header h = {.step = step,
+                      .micro_batch = m,
+                      .compute_rank = w->c,
+                      .count = b->count,
+                      .stop = stop,
+                      .ids = b->ids,
+                      .positions = pos};
     int rc = SPAR_OK;
     for (int a = 0; a < w->sp.K && rc == 0; a++)
         rc = spar__header_send(w->comm, w->sp.compute + a, &h, &w->header_bytes);
@@ -91,7 +96,8 @@ static void share_rows(const compute *w, int a, const float *x, int64_t len, flo
     int64_t row = (int64_t)sp->md->kv_heads * sp->md->head_dim, part = spar__kv_floats(sp);
     int64_t col = sp->by_heads ? a * part : 0, n = 0;
     for (int64_t p = 0; p < len; p++)
-        if (spar__holds(sp, a, p)) memcpy(out + n++ * part, x + p * row + col, sizeof(float) * (size_t)part);
+        if (spar__holds(sp, a, p))
+            memcpy(out + n++ * part, x + p * row + col, sizeof(float) * (size_t)part);
 }
 
 /* Request b's prompt through the model; its K/V sent; first token and logits kept. */
@@ -133,15 +139,19 @@ static int prefill(compute *w, int i) {
 static int send_qkv(compute *w, mbatch *b, int m) {
     const spar__split *sp = &w->sp;
     int64_t qf = spar__q_floats(sp), kf = spar__kv_floats(sp);
-    int64_t hd = (int64_t)sp->md->heads * sp->md->head_dim, gd = (int64_t)sp->md->kv_heads * sp->md->head_dim;
+    int64_t hd = (int64_t)sp->md->heads * sp->md->head_dim,
+            gd = (int64_t)sp->md->kv_heads * sp->md->head_dim;
     for (int a = 0; a < sp->K; a++) {
         float *q = b->send[a], *kv = q + b->count * qf;
         int64_t held = 0;
         for (int i = 0; i < b->count; i++) {
-            memcpy(q + i * qf, b->s.q + i * hd + (sp->by_heads ? a * qf : 0), sizeof(float) * (size_t)qf);
+            memcpy(q + i * qf, b->s.q + i * hd + (sp->by_heads ? a * qf : 0),
+                   sizeof(float) * (size_t)qf);
             if (!spar__holds(sp, a, b->s.pos[i])) continue;
-            memcpy(kv + held * 2 * kf, b->s.k + i * gd + (sp->by_heads ? a * kf : 0), sizeof(float) * (size_t)kf);
-            memcpy(kv + held * 2 * kf + kf, b->s.v + i * gd + (sp->by_heads ? a * kf : 0), sizeof(float) * (size_t)kf);
+            memcpy(kv + held * 2 * kf, b->s.k + i * gd + (sp->by_heads ? a * kf : 0),
+                   sizeof(float) * (size_t)kf);
+            memcpy(kv + held * 2 * kf + kf, b->s.v + i * gd + (sp->by_heads ? a * kf : 0),
+                   sizeof(float) * (size_t)kf);
             held++;
         }
         size_t bytes = sizeof(float) * (size_t)(b->count * qf + held * 2 * kf);
@@ -162,7 +172,8 @@ static int gather_o(compute *w, mbatch *b) {
         SPAR_TRY(spar_comm_op_wait_for(w->comm, &b->ops[a], sp->timeout, sp->compute + a,
                                        "attention output"));
     w->out->idle_seconds += spar_comm_wtime() - t0;
-    if (!sp->by_heads) spar_softmax_init_partial(b->count, md->heads, md->head_dim, b->s.o, b->s.lse);
+    if (!sp->by_heads)
+        spar_softmax_init_partial(b->count, md->heads, md->head_dim, b->s.o, b->s.lse);
     for (int a = 0; a < sp->K; a++) {
         const float *o = b->recv[a], *lse = o + b->count * qf;
         for (int i = 0; sp->by_heads && i < b->count; i++)
@@ -212,21 +223,27 @@ static int decode_step(compute *w, int step, float *logits) {
 static int collect(compute *w) {
     int V = w->m->dims.vocab, G = w->r->generate, tag = SPAR__TAG_PREFILL + 1;
     if (w->c != 0) {
-        SPAR_TRY(spar_comm_send(w->comm, w->tokens, sizeof(int32_t) * (size_t)(w->owned * G), 0, tag));
-        return spar_comm_send(w->comm, w->logits, sizeof(float) * (size_t)w->owned * (size_t)V, 0, tag);
+        SPAR_TRY(
+            spar_comm_send(w->comm, w->tokens, sizeof(int32_t) * (size_t)(w->owned * G), 0, tag));
+        return spar_comm_send(w->comm, w->logits, sizeof(float) * (size_t)w->owned * (size_t)V, 0,
+                              tag);
     }
     for (int c = 0; c < w->sp.compute; c++) {
         int n = spar__owned(w->r->count, w->sp.compute, c);
         int32_t *tok = c == 0 ? w->tokens : malloc(sizeof(int32_t) * (size_t)(n * G + 1));
         float *lg = c == 0 ? w->logits : malloc(sizeof(float) * (size_t)(n * V + 1));
         int rc = tok && lg ? SPAR_OK : SPAR_ENOMEM;
-        if (rc == 0 && c != 0) rc = spar_comm_recv(w->comm, tok, sizeof(int32_t) * (size_t)(n * G), c, tag);
-        if (rc == 0 && c != 0) rc = spar_comm_recv(w->comm, lg, sizeof(float) * (size_t)n * (size_t)V, c, tag);
+        if (rc == 0 && c != 0)
+            rc = spar_comm_recv(w->comm, tok, sizeof(int32_t) * (size_t)(n * G), c, tag);
+        if (rc == 0 && c != 0)
+            rc = spar_comm_recv(w->comm, lg, sizeof(float) * (size_t)n * (size_t)V, c, tag);
         for (int i = 0; rc == 0 && i < n; i++) {
             int b = c + i * w->sp.compute;
-            memcpy(w->out->tokens + (int64_t)b * G, tok + (int64_t)i * G, sizeof(int32_t) * (size_t)G);
+            memcpy(w->out->tokens + (int64_t)b * G, tok + (int64_t)i * G,
+                   sizeof(int32_t) * (size_t)G);
             if (w->out->logits)
-                memcpy(w->out->logits + (int64_t)b * V, lg + (int64_t)i * V, sizeof(float) * (size_t)V);
+                memcpy(w->out->logits + (int64_t)b * V, lg + (int64_t)i * V,
+                       sizeof(float) * (size_t)V);
         }
         if (c != 0) free(tok), free(lg);
         SPAR_TRY(rc);
@@ -286,12 +303,13 @@ int spar_generate_offload(spar_comm *comm, const spar_model *m, const spar_reque
                           const spar_offload *cfg, spar_generation *out) {
     int world = spar_comm_size(comm), K = cfg->attention_ranks;
     if (K < 1 || K >= world)
-        return spar_errorf(SPAR_EINVAL, "offload: %d attention ranks in a world of %d (allowed: "
-                                        "1 .. world - 1, leaving a compute rank)", K, world);
+        return spar_errorf(SPAR_EINVAL,
+                           "offload: %d attention ranks in a world of %d (allowed: "
+                           "1 .. world - 1, leaving a compute rank)",
+                           K, world);
     spar__split sp = spar__split_of(&m->dims, world, K);
     sp.timeout = cfg->timeout;
     int micro = cfg->micro_batches > 0 ? cfg->micro_batches : 1;
-    if (spar_comm_rank(comm) < sp.compute)
-        return compute_side(comm, m, r, &sp, micro, out);
+    if (spar_comm_rank(comm) < sp.compute) return compute_side(comm, m, r, &sp, micro, out);
     return spar__offload_serve(comm, m, r, &sp, micro, out);
 }

@@ -81,8 +81,10 @@ int spar__header_recv(spar_comm *comm, int src, int max_count, double timeout, s
     free(buf);
     int rc = SPAR_OK;
     if (!msg)
-        rc = spar_errorf(SPAR_EFORMAT, "offload: the control message from rank %d does not "
-                                       "parse (%zu bytes)", src, len);
+        rc = spar_errorf(SPAR_EFORMAT,
+                         "offload: the control message from rank %d does not "
+                         "parse (%zu bytes)",
+                         src, len);
     else if (msg->version != SPAR__OFFLOAD_VERSION || msg->n_request_ids != msg->n_positions ||
              (int64_t)msg->n_request_ids > max_count)
         rc = spar_errorf(SPAR_EFORMAT,

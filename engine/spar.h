@@ -132,9 +132,9 @@ typedef struct spar_layer_weights {
 
 typedef struct spar_model {
     spar_model_dims dims;
-    const float *embed;       /* [V, D] */
-    const float *final_norm;  /* [D] */
-    const float *lm_head;     /* [D, V] */
+    const float *embed;              /* [V, D] */
+    const float *final_norm;         /* [D] */
+    const float *lm_head;            /* [D, V] */
     const spar_layer_weights *layer; /* [layers] */
     const spar_kernels *kernels;
 } spar_model;
@@ -142,9 +142,9 @@ typedef struct spar_model {
 /* A batch of requests: each prompt is decoded greedily for `generate` tokens. */
 typedef struct spar_requests {
     int count;
-    const int32_t *prompt_len;      /* [count], >= 1 */
-    const int32_t *const *prompt;   /* [count][prompt_len] token ids < vocab */
-    int generate;                   /* tokens to produce per request, >= 1 */
+    const int32_t *prompt_len;    /* [count], >= 1 */
+    const int32_t *const *prompt; /* [count][prompt_len] token ids < vocab */
+    int generate;                 /* tokens to produce per request, >= 1 */
 } spar_requests;
 
 typedef struct spar_generation {
@@ -152,14 +152,14 @@ typedef struct spar_generation {
     float *logits;          /* [count, vocab]: the logits of the last token; rank 0 */
     double prefill_seconds; /* rank 0 */
     double decode_seconds;
-    double *step_seconds;   /* [generate - 1]: each decode step on rank 0 (NULL: not kept) */
-    uint64_t decode_bytes;  /* sent by this rank during decode (payloads and headers) */
-    uint64_t header_bytes;  /* of those, control messages */
-    double idle_seconds;    /* compute rank: waiting for attention results during decode */
-    double kv_bytes_read;   /* attention rank: cache bytes read by attention during decode */
-    double kv_bytes_held;   /* attention rank: cache bytes at the end */
-    double attend_seconds;  /* attention rank: in decode attention (reading the cache) */
-    double triad_gbs;       /* attention rank: STREAM triad on a working set like its cache */
+    double *step_seconds;  /* [generate - 1]: each decode step on rank 0 (NULL: not kept) */
+    uint64_t decode_bytes; /* sent by this rank during decode (payloads and headers) */
+    uint64_t header_bytes; /* of those, control messages */
+    double idle_seconds;   /* compute rank: waiting for attention results during decode */
+    double kv_bytes_read;  /* attention rank: cache bytes read by attention during decode */
+    double kv_bytes_held;  /* attention rank: cache bytes at the end */
+    double attend_seconds; /* attention rank: in decode attention (reading the cache) */
+    double triad_gbs;      /* attention rank: STREAM triad on a working set like its cache */
 } spar_generation;
 
 /* The whole batch on one process (comm may be NULL): the reference for offloading. */

@@ -196,13 +196,13 @@ void spar_swiglu(int64_t n, const float *gate, const float *up, float *out);
  * o [H, d] and lse [H] overwritten (n = 0: the empty partial). Keys are stored transposed
  * in blocks of SPAR_KBLOCK positions, so that one vector load carries one element of 16
  * keys: element e of position p of kv head g is at
- *   kt[g * kt_head_stride + (p / SPAR_KBLOCK) * d * SPAR_KBLOCK + e * SPAR_KBLOCK + p % SPAR_KBLOCK];
- * values are rows: v[p * stride_v + g * d + e]. Each kv head's cache is read once for its
- * whole query group (at most 64 query heads per kv head). */
+ *   kt[g * kt_head_stride + (p / SPAR_KBLOCK) * d * SPAR_KBLOCK + e * SPAR_KBLOCK + p %
+ * SPAR_KBLOCK]; values are rows: v[p * stride_v + g * d + e]. Each kv head's cache is read once for
+ * its whole query group (at most 64 query heads per kv head). */
 #define SPAR_KBLOCK 16
 int spar_decode_attention(const spar_attn_dims *dims, int64_t n, const float *kt,
-                          int64_t kt_head_stride, const float *v, int64_t stride_v,
-                          const float *q, float *o, float *lse);
+                          int64_t kt_head_stride, const float *v, int64_t stride_v, const float *q,
+                          float *o, float *lse);
 
 /* Memory bandwidth of a STREAM-style triad a = b + s c over arrays of `floats` floats
  * (bytes counted: two reads and a write per element), best of runs for min_seconds, on

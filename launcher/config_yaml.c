@@ -26,9 +26,9 @@ typedef struct walker {
     spar_config *cfg;
     const char *path;
     spar_err *err;
-    int includes;     /* files above this one */
-    int keys_seen;    /* top-level keys of this file so far */
-    unsigned swept;   /* sweep slots this file has started (bit per slot) */
+    int includes;   /* files above this one */
+    int keys_seen;  /* top-level keys of this file so far */
+    unsigned swept; /* sweep slots this file has started (bit per slot) */
 } walker;
 
 static int load_file(spar_config *cfg, const char *path, int includes, spar_err *err);
@@ -112,8 +112,8 @@ static int walk_sweep(walker *w, const char *key, yaml_event_t *first) {
 static int walk_include(walker *w, const yaml_event_t *ev) {
     int line = line_of(ev);
     if (ev->type != YAML_SCALAR_EVENT)
-        return spar__err_set(w->err, SPAR_EINVAL, "%s:%d: include: expected one file path",
-                             w->path, line);
+        return spar__err_set(w->err, SPAR_EINVAL, "%s:%d: include: expected one file path", w->path,
+                             line);
     if (w->keys_seen > 1)
         return spar__err_set(w->err, SPAR_EINVAL,
                              "%s:%d: include: must be the first key of the file (its keys "

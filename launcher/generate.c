@@ -32,7 +32,8 @@ static int share_prompts(spar_comm *comm, const spar_config *cfg, spar_prompts *
     }
     SPAR_TRY(spar_comm_bcast(comm, p->len, sizeof(int32_t) * (size_t)B, 0));
     for (int b = 0; b < B; b++) {
-        if (spar_comm_rank(comm) != 0 && !(p->rows[b] = malloc(sizeof(int32_t) * (size_t)p->len[b])))
+        if (spar_comm_rank(comm) != 0 &&
+            !(p->rows[b] = malloc(sizeof(int32_t) * (size_t)p->len[b])))
             return SPAR_ENOMEM;
         SPAR_TRY(spar_comm_bcast(comm, p->rows[b], sizeof(int32_t) * (size_t)p->len[b], 0));
     }
@@ -95,12 +96,14 @@ static void report(const spar_config *cfg, spar_comm *comm, const spar_generatio
     double *st = malloc(sizeof(double) * (size_t)(G > 1 ? G - 1 : 1));
     for (int i = 0; st && i < G - 1; i++)
         st[i] = g->step_seconds[i];
-    double p50 = st ? percentile(st, G - 1, 0.5) : NAN, p99 = st ? percentile(st, G - 1, 0.99) : NAN;
+    double p50 = st ? percentile(st, G - 1, 0.5) : NAN,
+           p99 = st ? percentile(st, G - 1, 0.99) : NAN;
     free(st);
     double tps = g->decode_seconds > 0 ? B * steps / g->decode_seconds : 0;
     const char *split = !offload ? "-" : md->kv_heads % K == 0 ? "heads" : "positions";
-    printf("# method  ranks compute attn  split        B gen layers  prefill_s   tok/s  step_p50_ms "
-           "step_p99_ms  B/tok/layer  formula  idle  kv_GB/s  triad  x_triad  kv_MiB/rank\n");
+    printf(
+        "# method  ranks compute attn  split        B gen layers  prefill_s   tok/s  step_p50_ms "
+        "step_p99_ms  B/tok/layer  formula  idle  kv_GB/s  triad  x_triad  kv_MiB/rank\n");
     printf("%-8s %6d %7d %4d  %-9s %4d %3d %6d %10.3f %7.1f %12.3f %12.3f %12.0f %8.0f %5.2f "
            "%8.2f %6.2f %8.2f %12.2f\n",
            cfg->v[SPAR_KEY_PAR_METHOD].s, P, C, K, split, B, G, md->layers, g->prefill_seconds, tps,
@@ -116,13 +119,14 @@ static void report(const spar_config *cfg, spar_comm *comm, const spar_generatio
         free(hosts);
         return;
     }
-    fprintf(f, "{\"record\":\"generate\",\"ranks\":%d,\"compute_ranks\":%d,\"attention_ranks\":%d,"
-               "\"split\":\"%s\",\"prefill_seconds\":%.9g,\"decode_seconds\":%.9g,"
-               "\"tokens_per_s\":%.9g,\"step_ms_p50\":%.9g,\"step_ms_p99\":%.9g,"
-               "\"bytes_per_token_layer\":%.9g,\"bytes_per_token_layer_formula\":%.9g,"
-               "\"header_bytes_per_step\":%.9g,\"idle_fraction\":%.6g,\"kv_read_bytes_max\":%.9g,"
-               "\"kv_held_bytes_max\":%.9g,\"kv_read_gbs_busy\":%.9g,\"triad_gbs\":%.9g,"
-               "\"kv_read_fraction_of_triad\":%.6g,",
+    fprintf(f,
+            "{\"record\":\"generate\",\"ranks\":%d,\"compute_ranks\":%d,\"attention_ranks\":%d,"
+            "\"split\":\"%s\",\"prefill_seconds\":%.9g,\"decode_seconds\":%.9g,"
+            "\"tokens_per_s\":%.9g,\"step_ms_p50\":%.9g,\"step_ms_p99\":%.9g,"
+            "\"bytes_per_token_layer\":%.9g,\"bytes_per_token_layer_formula\":%.9g,"
+            "\"header_bytes_per_step\":%.9g,\"idle_fraction\":%.6g,\"kv_read_bytes_max\":%.9g,"
+            "\"kv_held_bytes_max\":%.9g,\"kv_read_gbs_busy\":%.9g,\"triad_gbs\":%.9g,"
+            "\"kv_read_fraction_of_triad\":%.6g,",
             P, C, K, split, g->prefill_seconds, g->decode_seconds, tps, p50 * 1e3, p99 * 1e3,
             per_tok, formula, steps > 0 ? headers / steps : 0,
             g->decode_seconds > 0 ? idle / g->decode_seconds : 0, kv_read, kv_held, busy_gbs, triad,
@@ -138,9 +142,11 @@ static int outputs(const spar_config *cfg, const spar_generation *g, const spar_
     int64_t B = cfg->v[SPAR_KEY_WORK_BATCH].i, G = cfg->v[SPAR_KEY_WORK_GENERATE].i;
     int64_t tshape[2] = {B, G}, lshape[2] = {B, md->vocab};
     const char *tok = cfg->v[SPAR_KEY_OUT_TOKENS].s, *lg = cfg->v[SPAR_KEY_OUT_LOGITS].s;
-    if (*tok) SPAR_TRY(write_npy(tok, "<i4", 2, tshape, g->tokens, sizeof(int32_t) * (size_t)(B * G)));
+    if (*tok)
+        SPAR_TRY(write_npy(tok, "<i4", 2, tshape, g->tokens, sizeof(int32_t) * (size_t)(B * G)));
     if (*lg)
-        SPAR_TRY(write_npy(lg, "<f4", 2, lshape, g->logits, sizeof(float) * (size_t)(B * md->vocab)));
+        SPAR_TRY(
+            write_npy(lg, "<f4", 2, lshape, g->logits, sizeof(float) * (size_t)(B * md->vocab)));
     return SPAR_OK;
 }
 
@@ -172,8 +178,9 @@ int spar__generate_plan(spar_comm *comm, const spar_config *cfg) {
     if (rc == 0) {
         spar_offload oc = {K, (int)cfg->v[SPAR_KEY_PAR_MICRO_BATCHES].i,
                            cfg->v[SPAR_KEY_COMM_TIMEOUT].f};
-        int run = offload ? spar_generate_offload(comm, &lm.model, &req, &oc, &g)
-                          : rank == 0 ? spar_generate_local(&lm.model, &req, &g) : SPAR_OK;
+        int run = offload     ? spar_generate_offload(comm, &lm.model, &req, &oc, &g)
+                  : rank == 0 ? spar_generate_local(&lm.model, &req, &g)
+                              : SPAR_OK;
         if (run != 0) {
             spar_log_error("generation failed (%s); stopping every rank", spar_strerror(run));
             spar_comm_abort(comm, SPAR_EXIT_FAILURE);
@@ -193,6 +200,7 @@ int spar__generate_plan(spar_comm *comm, const spar_config *cfg) {
     free(g.tokens), free(g.logits), free(g.step_seconds);
     spar__model_free(&lm);
     spar__prompts_free(&prompts);
-    return worst == 0 ? SPAR_EXIT_OK
-                      : spar_status_is_input_error(worst) ? SPAR_EXIT_BAD_INPUT : SPAR_EXIT_FAILURE;
+    return worst == 0                          ? SPAR_EXIT_OK
+           : spar_status_is_input_error(worst) ? SPAR_EXIT_BAD_INPUT
+                                               : SPAR_EXIT_FAILURE;
 }

@@ -45,16 +45,16 @@ enum spar_key_type { SPAR_KT_BOOL, SPAR_KT_INT, SPAR_KT_FLOAT, SPAR_KT_ENUM, SPA
       1, (double)(1LL << 40), "global sequence length N")                                          \
     X(SEQ_PARTITION, "sequence.partition", ENUM, "auto", "auto|contiguous|zigzag|stripe", 0, 0,    \
       "how tokens are split over the ranks; auto = zigzag for causal softmax, else contiguous")    \
-    X(PAR_METHOD, "parallel.method", ENUM, "auto", "auto|ring|allgather|lasp2|lasp1|local|offload", \
-      0, 0,                                                                                        \
+    X(PAR_METHOD, "parallel.method", ENUM, "auto",                                                 \
+      "auto|ring|allgather|lasp2|lasp1|local|offload", 0, 0,                                       \
       "softmax: ring (K/V blocks around a ring) or allgather (LASP-2H); linear: lasp2 (one "       \
       "all-gather of memory states) or lasp1 (serial chain); local = whole sequence on rank 0; "   \
       "offload (run.mode=generate): KV cache and attention on the last parallel.attention_ranks; " \
-      "auto = ring (softmax), lasp2 (linear), offload (generate on several ranks)")               \
-    X(PAR_ATTN_RANKS, "parallel.attention_ranks", INT, "1", "integer >= 1, < ranks", 1, 1 << 20,  \
-      "offload: ranks at the end of the world that hold the KV cache and run attention")          \
-    X(PAR_MICRO_BATCHES, "parallel.micro_batches", INT, "2", "integer >= 1", 1, 1 << 20,          \
-      "offload: micro-batches per compute rank, alternating so that dense layers and attention "  \
+      "auto = ring (softmax), lasp2 (linear), offload (generate on several ranks)")                \
+    X(PAR_ATTN_RANKS, "parallel.attention_ranks", INT, "1", "integer >= 1, < ranks", 1, 1 << 20,   \
+      "offload: ranks at the end of the world that hold the KV cache and run attention")           \
+    X(PAR_MICRO_BATCHES, "parallel.micro_batches", INT, "2", "integer >= 1", 1, 1 << 20,           \
+      "offload: micro-batches per compute rank, alternating so that dense layers and attention "   \
       "overlap")                                                                                   \
     X(PAR_HEAD_GROUPS, "parallel.head_groups", INT, "0", "integer >= 0; 0 = min(kv_heads, 4)", 0,  \
       65536, "allgather: kv-head groups; group g+1 is gathered while group g computes")            \
@@ -82,36 +82,36 @@ enum spar_key_type { SPAR_KT_BOOL, SPAR_KT_INT, SPAR_KT_FLOAT, SPAR_KT_ENUM, SPA
       "value gradient [N,G,d] (needs run.backward=true); empty = not written")                     \
     X(OUT_RESULTS, "output.results", STRING, "", "path of a JSON-lines file", 0, 0,                \
       "one record per run is appended here; empty = none")                                         \
-    X(RUN_MODE, "run.mode", ENUM, "attention", "attention|generate", 0, 0,                        \
+    X(RUN_MODE, "run.mode", ENUM, "attention", "attention|generate", 0, 0,                         \
       "attention: one attention problem (forward, backward); generate: greedy decoding with the "  \
       "model: section's decoder")                                                                  \
     X(MODEL_LAYERS, "model.layers", INT, "2", "integer >= 1", 1, 4096, "decoder layers")           \
     X(MODEL_HIDDEN, "model.hidden", INT, "0", "integer >= 0; 0 = heads x head_dim", 0, 1 << 20,    \
       "hidden size D of the residual stream")                                                      \
-    X(MODEL_FFN, "model.ffn", INT, "0", "integer >= 0; 0 = 8 D / 3 rounded up to 8", 0, 1 << 22,  \
+    X(MODEL_FFN, "model.ffn", INT, "0", "integer >= 0; 0 = 8 D / 3 rounded up to 8", 0, 1 << 22,   \
       "SwiGLU inner size F")                                                                       \
     X(MODEL_VOCAB, "model.vocab", INT, "256", "integer >= 2", 2, 1 << 24, "vocabulary size V")     \
-    X(MODEL_ROPE_BASE, "model.rope_base", FLOAT, "10000", "number > 1", 1.0000001, 1e12,          \
+    X(MODEL_ROPE_BASE, "model.rope_base", FLOAT, "10000", "number > 1", 1.0000001, 1e12,           \
       "RoPE base: angle of pair e at position p = p base^(-2e/head_dim)")                          \
     X(MODEL_NORM_EPS, "model.norm_eps", FLOAT, "1e-5", "number > 0", 1e-30, 1.0,                   \
       "RMSNorm epsilon")                                                                           \
     X(MODEL_WEIGHTS, "model.weights", STRING, "", "a directory of .npy files", 0, 0,               \
-      "float32 weights (names and shapes in configs/README.md); random from data.seed when "      \
+      "float32 weights (names and shapes in configs/README.md); random from data.seed when "       \
       "empty")                                                                                     \
-    X(WORK_BATCH, "workload.batch", INT, "4", "integer >= 1", 1, 1 << 20, "requests B")           \
+    X(WORK_BATCH, "workload.batch", INT, "4", "integer >= 1", 1, 1 << 20, "requests B")            \
     X(WORK_PROMPT_LENGTHS, "workload.prompt_lengths", STRING, "16",                                \
       "comma-separated integers >= 1", 0, 0,                                                       \
-      "random prompts' lengths, used in turn for requests 0, 1, ... (ignored with "               \
+      "random prompts' lengths, used in turn for requests 0, 1, ... (ignored with "                \
       "workload.prompts)")                                                                         \
     X(WORK_PROMPTS, "workload.prompts", STRING, "", "path of a .npy file, int32 [B, L]", 0, 0,     \
-      "prompt token ids, one row per request, -1 after a shorter prompt's end; random from "      \
+      "prompt token ids, one row per request, -1 after a shorter prompt's end; random from "       \
       "data.seed when empty")                                                                      \
     X(WORK_GENERATE, "workload.generate", INT, "16", "integer >= 1", 1, 1 << 20,                   \
       "tokens generated per request (greedy)")                                                     \
     X(OUT_TOKENS, "output.tokens", STRING, "", "path of a .npy file to write", 0, 0,               \
       "generated token ids, int32 [B, generate]; empty = not written")                             \
     X(OUT_LOGITS, "output.logits", STRING, "", "path of a .npy file to write", 0, 0,               \
-      "logits of each request's last generated token, float32 [B, V]; empty = not written")       \
+      "logits of each request's last generated token, float32 [B, V]; empty = not written")        \
     X(RUN_NAME, "run.name", STRING, "", "any text", 0, 0, "a label carried into the record")       \
     X(RUN_BACKWARD, "run.backward", BOOL, "false", "true|false", 0, 0,                             \
       "run the backward pass after the forward pass")                                              \
@@ -125,21 +125,21 @@ enum spar_key_type { SPAR_KT_BOOL, SPAR_KT_INT, SPAR_KT_FLOAT, SPAR_KT_ENUM, SPA
       "largest relative L2 error that run.verify accepts (exit 3 beyond)")                         \
     X(RUN_KERNEL, "run.kernel", ENUM, "auto", "auto|blas|blocked|scalar|none", 0, 0,               \
       "kernel backend: blas (OpenBLAS block products, SIMD softmax), blocked, scalar (the "        \
-      "oracle), none (no arithmetic: times communication and memory alone); auto = the "          \
+      "oracle), none (no arithmetic: times communication and memory alone); auto = the "           \
       "fastest this build has")                                                                    \
     X(RUN_THREADS, "run.threads", INT, "1", "integer >= 0; 0 = all cores", 0, 4096,                \
       "kernel threads per rank (ranks per host x threads should not exceed its cores)")            \
-    X(RUN_RESUME, "run.resume", BOOL, "true", "true|false", 0, 0,                                 \
-      "a sweep skips the points whose record output.results already holds (a restarted job "     \
-      "goes on where it stopped); false runs every point")                                        \
-    X(RUN_PROGRESS, "run.progress", ENUM, "auto", "auto|bar|lines|off", 0, 0,                    \
-      "what rank 0 shows during a run: bar (one line redrawn, with ETA), lines (timestamped, "    \
-      "for batch logs), off; auto = bar when a terminal watches, else lines")                     \
+    X(RUN_RESUME, "run.resume", BOOL, "true", "true|false", 0, 0,                                  \
+      "a sweep skips the points whose record output.results already holds (a restarted job "       \
+      "goes on where it stopped); false runs every point")                                         \
+    X(RUN_PROGRESS, "run.progress", ENUM, "auto", "auto|bar|lines|off", 0, 0,                      \
+      "what rank 0 shows during a run: bar (one line redrawn, with ETA), lines (timestamped, "     \
+      "for batch logs), off; auto = bar when a terminal watches, else lines")                      \
     X(RUN_QUERY_BLOCK, "run.query_block", INT, "256", "integer >= 1", 1, 1 << 30,                  \
       "queries per kernel call; the ring makes progress between calls")                            \
-    X(COMM_TIMEOUT, "comm.timeout", FLOAT, "600", "number >= 0 (seconds); 0 = no limit", 0, 1e9,  \
-      "offloaded decode: how long a rank waits for a peer before it stops the job, naming the "   \
-      "peer (a stopped or unreachable attention rank)")                                           \
+    X(COMM_TIMEOUT, "comm.timeout", FLOAT, "600", "number >= 0 (seconds); 0 = no limit", 0, 1e9,   \
+      "offloaded decode: how long a rank waits for a peer before it stops the job, naming the "    \
+      "peer (a stopped or unreachable attention rank)")                                            \
     X(COMM_TRANSPORT, "comm.transport", ENUM, "auto", "auto|ucx|ob1", 0, 0,                        \
       "Open MPI PML: ucx where UCX works (auto), or ob1")
 

@@ -208,8 +208,8 @@ static void print_point(const spar_config *file, int i, int points) {
 }
 
 /* Rank 0: point i's configuration and whether its record is already in the results. */
-static bool prepare_point(const cli *c, spar_comm *comm, const spar_config *file, int i,
-                          int points, const spar_done *done, bool bench, spar_config *cfg) {
+static bool prepare_point(const cli *c, spar_comm *comm, const spar_config *file, int i, int points,
+                          const spar_done *done, bool bench, spar_config *cfg) {
     spar_err err;
     if (spar__point_config(c->sets, c->nsets, file, i, cfg, &err) == 0) /* checked before */
         spar__config_validate(cfg, spar_comm_size(comm), &err);

@@ -30,8 +30,8 @@ static const char *layer_names[PER_LAYER] = {"attn_norm", "wq",     "wk",   "wv"
 static void layer_shape(const spar_model_dims *md, int i, int64_t *rows, int64_t *cols) {
     int64_t D = md->hidden, hd = (int64_t)md->heads * md->head_dim,
             gd = (int64_t)md->kv_heads * md->head_dim, F = md->ffn;
-    const int64_t shapes[PER_LAYER][2] = {{D, 0},  {D, hd}, {D, gd}, {D, gd}, {hd, D},
-                                          {D, 0},  {D, F},  {D, F},  {F, D}};
+    const int64_t shapes[PER_LAYER][2] = {{D, 0}, {D, hd}, {D, gd}, {D, gd}, {hd, D},
+                                          {D, 0}, {D, F},  {D, F},  {F, D}};
     *rows = shapes[i][0], *cols = shapes[i][1];
 }
 
@@ -124,7 +124,8 @@ static int read_prompts(const spar_config *cfg, int batch, int vocab, int32_t *l
     const char *path = cfg->v[SPAR_KEY_WORK_PROMPTS].s;
     spar_npy_info info;
     spar_err err;
-    if (spar__npy_read_info(path, &info, &err) != 0) return spar_errorf(SPAR_EFORMAT, "%s", err.msg);
+    if (spar__npy_read_info(path, &info, &err) != 0)
+        return spar_errorf(SPAR_EFORMAT, "%s", err.msg);
     if (strcmp(info.descr, "<i4") != 0 || info.ndim != 2 || info.shape[0] != batch ||
         info.fortran_order || info.shape[1] < 1)
         return spar_errorf(SPAR_ESHAPE,
@@ -173,8 +174,9 @@ int spar__prompts_load(const spar_config *cfg, spar_prompts *p) {
         p->len[b] = (int32_t)spar__prompt_length(cfg, b);
         if (!(p->rows[b] = malloc(sizeof(int32_t) * (size_t)p->len[b]))) return SPAR_ENOMEM;
         for (int i = 0; i < p->len[b]; i++)
-            p->rows[b][i] = (int32_t)(mix(mix(seed ^ 0x5eed) + (uint64_t)b * 1000003u + (uint64_t)i) %
-                                      (uint64_t)V);
+            p->rows[b][i] =
+                (int32_t)(mix(mix(seed ^ 0x5eed) + (uint64_t)b * 1000003u + (uint64_t)i) %
+                          (uint64_t)V);
     }
     return SPAR_OK;
 }

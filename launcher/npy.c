@@ -166,9 +166,8 @@ int64_t spar__npy_write_header_as(int fd, const char *descr, int ndim, const int
     shape_text(ndim, shape, shp, sizeof shp);
     if (ndim == 1) /* a one-element tuple needs its comma */
         snprintf(shp, sizeof shp, "(%lld,)", (long long)shape[0]);
-    int n =
-        snprintf(dict, sizeof dict, "{'descr': '%s', 'fortran_order': False, 'shape': %s, }", descr,
-                 shp);
+    int n = snprintf(dict, sizeof dict, "{'descr': '%s', 'fortran_order': False, 'shape': %s, }",
+                     descr, shp);
     size_t total = 10 + (size_t)n + 1; /* magic+version+len, dict, newline */
     size_t pad = (64 - total % 64) % 64;
     size_t hlen = (size_t)n + pad + 1;

@@ -72,8 +72,8 @@ static void draw(FILE *g, const panel *pn, int id, int count) {
     }
     fprintf(g, "plot ");
     for (int i = 0; i < count; i++) /* the title is the datablock's only line */
-        fprintf(g, "%s$d%d_%d using 1:2 with linespoints lw 2 title $t%d_%d[1]",
-                i ? ", " : "", id, i, id, i);
+        fprintf(g, "%s$d%d_%d using 1:2 with linespoints lw 2 title $t%d_%d[1]", i ? ", " : "", id,
+                i, id, i);
     fprintf(g, "\n");
 }
 
@@ -94,8 +94,10 @@ int spar__report_plot(const spar_report *all, const char *out) {
     const char *ext = strrchr(out, '.');
     bool svg = ext && strcmp(ext, ".svg") == 0, png = ext && strcmp(ext, ".png") == 0;
     if (!svg && !png)
-        return spar_errorf(SPAR_EINVAL, "spar report: --plot '%s' (allowed: a file ending in "
-                                        ".svg or .png)", out);
+        return spar_errorf(SPAR_EINVAL,
+                           "spar report: --plot '%s' (allowed: a file ending in "
+                           ".svg or .png)",
+                           out);
     if (!gnuplot_found())
         return spar_errorf(SPAR_EUNSUP, "spar report: gnuplot is not installed, so no plot was "
                                         "drawn (apt-get install gnuplot-nox); the table above is "
@@ -111,11 +113,11 @@ int spar__report_plot(const spar_report *all, const char *out) {
     FILE *g = rc == 0 ? popen("gnuplot", "w") : NULL;
     if (rc == 0 && !g) rc = spar_errorf(SPAR_EIO, "spar report: cannot start gnuplot");
     if (rc == 0) {
-        const panel panels[] = {{"forward time", "ms", X_N, col("fwd_ms"), true},
-                                {"forward throughput", "GFLOP/s", X_N, col("fwd_GFLOP/s"), false},
-                                {"scaling with ranks", "forward ms", X_P, col("fwd_ms"), true},
-                                {"bytes sent per rank, forward", "MiB", X_N, col("sent_MiB"),
-                                 true}};
+        const panel panels[] = {
+            {"forward time", "ms", X_N, col("fwd_ms"), true},
+            {"forward throughput", "GFLOP/s", X_N, col("fwd_GFLOP/s"), false},
+            {"scaling with ranks", "forward ms", X_P, col("fwd_ms"), true},
+            {"bytes sent per rank, forward", "MiB", X_N, col("sent_MiB"), true}};
         fprintf(g, "set terminal %s size 1200,900 font 'sans,10'\nset output '%s'\n",
                 svg ? "svg dynamic" : "pngcairo", out);
         fprintf(g, "set key top left\nset grid\nset multiplot layout 2,2\n");

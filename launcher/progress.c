@@ -78,9 +78,12 @@ static void format_eta(char *out, size_t len, double elapsed, double fraction) {
         return;
     }
     double left = elapsed * (1.0 - fraction) / fraction;
-    if (left < 120) snprintf(out, len, "ETA %.0f s", left);
-    else if (left < 7200) snprintf(out, len, "ETA %.0f min", left / 60);
-    else snprintf(out, len, "ETA %.1f h", left / 3600);
+    if (left < 120)
+        snprintf(out, len, "ETA %.0f s", left);
+    else if (left < 7200)
+        snprintf(out, len, "ETA %.0f min", left / 60);
+    else
+        snprintf(out, len, "ETA %.1f h", left / 3600);
 }
 
 void spar__show_progress(void *ctx, const char *phase, int64_t done, int64_t total) {

@@ -191,8 +191,8 @@ void spar__json_common(FILE *f, const spar_config *cfg, int ranks, const char *h
     fputs(",\"mpi_library\":", f);
     json_string(f, library);
     if (cfg->point_id[0])
-        fprintf(f, ",\"point_id\":\"%s\",\"point\":%d,\"points\":%d", cfg->point_id,
-                cfg->point + 1, cfg->points);
+        fprintf(f, ",\"point_id\":\"%s\",\"point\":%d,\"points\":%d", cfg->point_id, cfg->point + 1,
+                cfg->points);
     spar__json_slurm(f);
 }
 

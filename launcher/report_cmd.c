@@ -41,8 +41,8 @@ static const column columns[SPAR_REPORT_COLUMNS] = {
     {"fwd_GFLOP/s", NULL, "forward.gflops_per_s", NULL, 11, false, 1},
     {"bwd_ms", NULL, "backward.seconds", "backward.seconds_median", 9, false, 1e3},
     {"bwd_GFLOP/s", NULL, "backward.gflops_per_s", NULL, 11, false, 1},
-    {"sent_MiB", NULL, "forward.bytes_sent_per_rank", "forward.bytes_sent_per_rank_max", 9,
-     false, 1.0 / 1048576.0},
+    {"sent_MiB", NULL, "forward.bytes_sent_per_rank", "forward.bytes_sent_per_rank_max", 9, false,
+     1.0 / 1048576.0},
     {"peak_MiB", NULL, "peak_mib_per_rank", "peak_mib_max", 9, false, 1},
     {"x_sgemm", NULL, "forward.ratio_to_sgemm", NULL, 7, false, 1},
     {"max_err", NULL, "rel_err.o", NULL, 9, false, 1},
@@ -109,8 +109,10 @@ int spar__report_read(const char *path, spar_report *rep) {
         if (rep->count == rep->cap) {
             int cap2 = rep->cap ? 2 * rep->cap : 64;
             spar_report_row *rows = realloc(rep->rows, (size_t)cap2 * sizeof *rows);
-            if (!rows) rc = SPAR_ENOMEM;
-            else rep->rows = rows, rep->cap = cap2;
+            if (!rows)
+                rc = SPAR_ENOMEM;
+            else
+                rep->rows = rows, rep->cap = cap2;
         }
         if (rc == 0) row_from(&j, &rep->rows[rep->count++]);
         spar__json_flat_free(&j);
@@ -200,19 +202,26 @@ int spar__report_group(spar_report *rep, const int *keys, int nkeys) {
 }
 
 static void print_number(double x, int width, bool csv) {
-    if (isinf(x)) printf("%*s", csv ? 0 : width, "*"); /* differs within a group */
-    else if (!isfinite(x)) printf("%*s", csv ? 0 : width, csv ? "" : "-");
-    else if (x != 0 && (fabs(x) < 1e-2 || fabs(x) >= 1e7)) printf("%*.2e", csv ? 0 : width, x);
-    else if (x == floor(x) && fabs(x) < 1e7) printf("%*.0f", csv ? 0 : width, x);
-    else printf("%*.*f", csv ? 0 : width, fabs(x) < 10 ? 3 : fabs(x) < 1000 ? 2 : 1, x);
+    if (isinf(x))
+        printf("%*s", csv ? 0 : width, "*"); /* differs within a group */
+    else if (!isfinite(x))
+        printf("%*s", csv ? 0 : width, csv ? "" : "-");
+    else if (x != 0 && (fabs(x) < 1e-2 || fabs(x) >= 1e7))
+        printf("%*.2e", csv ? 0 : width, x);
+    else if (x == floor(x) && fabs(x) < 1e7)
+        printf("%*.0f", csv ? 0 : width, x);
+    else
+        printf("%*.*f", csv ? 0 : width, fabs(x) < 10 ? 3 : fabs(x) < 1000 ? 2 : 1, x);
 }
 
 void spar__report_print(const spar_report *rep, bool csv, bool grouped) {
     if (grouped) printf(csv ? "n" : "%4s", "n");
     for (int c = 0; c < SPAR_REPORT_COLUMNS; c++) {
         if (grouped || c) putchar(csv ? ',' : ' ');
-        if (csv) printf("%s", columns[c].name);
-        else printf(columns[c].text ? "%-*s" : "%*s", columns[c].width, columns[c].name);
+        if (csv)
+            printf("%s", columns[c].name);
+        else
+            printf(columns[c].text ? "%-*s" : "%*s", columns[c].width, columns[c].name);
     }
     printf("\n");
     for (int i = 0; i < rep->count; i++) {
@@ -220,9 +229,12 @@ void spar__report_print(const spar_report *rep, bool csv, bool grouped) {
         if (grouped) printf(csv ? "%d" : "%4d", r->count);
         for (int c = 0; c < SPAR_REPORT_COLUMNS; c++) {
             if (grouped || c) putchar(csv ? ',' : ' ');
-            if (columns[c].text && csv) printf("%s", r->text[c]);
-            else if (columns[c].text) printf("%-*s", columns[c].width, r->text[c]);
-            else print_number(r->num[c], columns[c].width, csv);
+            if (columns[c].text && csv)
+                printf("%s", r->text[c]);
+            else if (columns[c].text)
+                printf("%-*s", columns[c].width, r->text[c]);
+            else
+                print_number(r->num[c], columns[c].width, csv);
         }
         printf("\n");
     }
@@ -265,12 +277,18 @@ int spar__cmd_report(int argc, char **argv) {
     const char *file = NULL, *plot = NULL, *group = NULL;
     bool csv = false;
     for (int i = 0; i < argc; i++) {
-        if (strcmp(argv[i], "--csv") == 0) csv = true;
-        else if (strcmp(argv[i], "--group-by") == 0 && i + 1 < argc) group = argv[++i];
-        else if (strcmp(argv[i], "--plot") == 0 && i + 1 < argc) plot = argv[++i];
-        else if (argv[i][0] == '-') return report_usage("unknown option or missing value '%s'", argv[i]);
-        else if (file) return report_usage("more than one results file ('%s')", argv[i]);
-        else file = argv[i];
+        if (strcmp(argv[i], "--csv") == 0)
+            csv = true;
+        else if (strcmp(argv[i], "--group-by") == 0 && i + 1 < argc)
+            group = argv[++i];
+        else if (strcmp(argv[i], "--plot") == 0 && i + 1 < argc)
+            plot = argv[++i];
+        else if (argv[i][0] == '-')
+            return report_usage("unknown option or missing value '%s'", argv[i]);
+        else if (file)
+            return report_usage("more than one results file ('%s')", argv[i]);
+        else
+            file = argv[i];
     }
     if (!file) return report_usage("%s", "a results FILE.jsonl is required");
     if (plot && strchr(plot, '\'')) return report_usage("--plot '%s': no quotes in the path", plot);
@@ -279,11 +297,10 @@ int spar__cmd_report(int argc, char **argv) {
     spar_report rep;
     int rc = spar__report_read(file, &rep);
     if (rc != 0) return rc == SPAR_EIO ? SPAR_EXIT_BAD_INPUT : SPAR_EXIT_FAILURE;
-    if (!csv)
-        printf("# %d record(s) from %s%s", rep.count, file, rep.skipped ? "" : "\n");
+    if (!csv) printf("# %d record(s) from %s%s", rep.count, file, rep.skipped ? "" : "\n");
     if (!csv && rep.skipped)
-        printf("; %d line(s) are not records and were skipped (the first: line %d)\n",
-               rep.skipped, rep.first_skipped);
+        printf("; %d line(s) are not records and were skipped (the first: line %d)\n", rep.skipped,
+               rep.first_skipped);
     int code = SPAR_EXIT_OK;
     spar_report shown = rep;
     if (nkeys) { /* group a copy: the plot uses every row */
@@ -295,8 +312,9 @@ int spar__cmd_report(int argc, char **argv) {
     if (code == 0 && plot) {
         rc = spar__report_plot(&rep, plot);
         if (rc == 0 && !csv) printf("# plot: %s\n", plot);
-        if (rc != 0) code = spar_status_is_input_error(rc) && rc != SPAR_EUNSUP ? SPAR_EXIT_BAD_INPUT
-                                                                                : SPAR_EXIT_FAILURE;
+        if (rc != 0)
+            code = spar_status_is_input_error(rc) && rc != SPAR_EUNSUP ? SPAR_EXIT_BAD_INPUT
+                                                                       : SPAR_EXIT_FAILURE;
     }
     if (nkeys) free(shown.rows);
     spar__report_free(&rep);

@@ -88,27 +88,40 @@ static int parse_submit(int argc, char **argv, submit_opts *o) {
         if (takes && !val) return bad("%s needs a value", a);
         if (takes) i++;
         int rc = 0;
-        if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) o->help = true;
-        else if (strcmp(a, "--dry-run") == 0) o->dry_run = true;
-        else if (strcmp(a, "--bench") == 0) o->bench = true;
-        else if (strcmp(a, "--set") == 0) o->sets[o->nsets++] = val;
-        else if (strcmp(a, "--nodes") == 0) rc = count_arg(a, val, &o->nodes);
-        else if (strcmp(a, "--ntasks-per-node") == 0) rc = count_arg(a, val, &o->tasks_per_node);
+        if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0)
+            o->help = true;
+        else if (strcmp(a, "--dry-run") == 0)
+            o->dry_run = true;
+        else if (strcmp(a, "--bench") == 0)
+            o->bench = true;
+        else if (strcmp(a, "--set") == 0)
+            o->sets[o->nsets++] = val;
+        else if (strcmp(a, "--nodes") == 0)
+            rc = count_arg(a, val, &o->nodes);
+        else if (strcmp(a, "--ntasks-per-node") == 0)
+            rc = count_arg(a, val, &o->tasks_per_node);
         else if (strcmp(a, "--partition") == 0 && !made_of(val, "_-."))
             return bad("--partition '%s' (allowed: letters, digits, _ - .)", val);
-        else if (strcmp(a, "--partition") == 0) o->partition = val;
+        else if (strcmp(a, "--partition") == 0)
+            o->partition = val;
         else if (strcmp(a, "--attention-partition") == 0 && !made_of(val, "_-."))
             return bad("--attention-partition '%s' (allowed: letters, digits, _ - .)", val);
-        else if (strcmp(a, "--attention-partition") == 0) o->attention_partition = val;
+        else if (strcmp(a, "--attention-partition") == 0)
+            o->attention_partition = val;
         else if (strcmp(a, "--time") == 0 && !made_of(val, ":-"))
             return bad("--time '%s' (allowed: Slurm's MM, HH:MM:SS or D-HH:MM)", val);
-        else if (strcmp(a, "--time") == 0) o->time = val;
+        else if (strcmp(a, "--time") == 0)
+            o->time = val;
         else if (strcmp(a, "--launcher") == 0 && strcmp(val, "srun") && strcmp(val, "mpirun"))
             return bad("--launcher '%s' (allowed: srun|mpirun)", val);
-        else if (strcmp(a, "--launcher") == 0) o->launcher = val;
-        else if (a[0] == '-') return bad("unknown option '%s'", a);
-        else if (o->file) return bad("more than one experiment file ('%s')", a);
-        else o->file = a;
+        else if (strcmp(a, "--launcher") == 0)
+            o->launcher = val;
+        else if (a[0] == '-')
+            return bad("unknown option '%s'", a);
+        else if (o->file)
+            return bad("more than one experiment file ('%s')", a);
+        else
+            o->file = a;
         if (rc) return rc;
     }
     if (!o->file && !o->help) return bad("%s", "an experiment FILE is required");
@@ -126,9 +139,11 @@ static int layout(const submit_opts *o, const spar_config *file, int attention, 
     int ranks = (int)file->v[SPAR_KEY_PAR_RANKS].i, compute = ranks ? ranks - attention : 0;
     *nodes = o->nodes ? o->nodes : 1;
     if (ranks == 0 && !o->tasks_per_node) {
-        fprintf(stderr, "error: spar submit: how many ranks? %s leaves parallel.ranks at 0: set "
-                        "it (in the file or with --set parallel.ranks=P) or give "
-                        "--ntasks-per-node (and --nodes)\n", o->file);
+        fprintf(stderr,
+                "error: spar submit: how many ranks? %s leaves parallel.ranks at 0: set "
+                "it (in the file or with --set parallel.ranks=P) or give "
+                "--ntasks-per-node (and --nodes)\n",
+                o->file);
         return SPAR_EXIT_BAD_INPUT;
     }
     if (ranks == 0) {
@@ -137,8 +152,9 @@ static int layout(const submit_opts *o, const spar_config *file, int attention, 
     }
     *per_node = o->tasks_per_node ? o->tasks_per_node : (compute > 0 ? compute / *nodes : 0);
     if (compute < 1 || *per_node * *nodes != compute) {
-        fprintf(stderr, "error: spar submit: parallel.ranks=%d%s does not fit %d node(s) x %d "
-                        "task(s) per node (allowed: nodes x ntasks-per-node = parallel.ranks%s)\n",
+        fprintf(stderr,
+                "error: spar submit: parallel.ranks=%d%s does not fit %d node(s) x %d "
+                "task(s) per node (allowed: nodes x ntasks-per-node = parallel.ranks%s)\n",
                 ranks, attention ? " less the attention ranks" : "", *nodes, *per_node,
                 attention ? " - parallel.attention_ranks" : "");
         return SPAR_EXIT_BAD_INPUT;
@@ -265,7 +281,8 @@ static char *script_text(const submit_opts *o, const spar_config *cfg, int nodes
                           o->time ? "#SBATCH --time=" : "", o->time ? o->time : "")},
         {"SPAR", quoted_exe},
         {"COMMAND", printed("%s", o->bench ? "bench" : "run")},
-        {"ATTENTION_PARTITION", printed("%s", o->attention_partition ? o->attention_partition : "")},
+        {"ATTENTION_PARTITION",
+         printed("%s", o->attention_partition ? o->attention_partition : "")},
         {"ATTENTION_TASKS", printed("%d", attention)},
         {"ARGS", command_args(o, config)},
     };
@@ -273,7 +290,7 @@ static char *script_text(const submit_opts *o, const spar_config *cfg, int nodes
     bool ok = true;
     for (int i = 0; i < count; i++)
         ok = ok && fills[i].value;
-    const char *tpl = o->attention_partition            ? spar__template_srun_hetjob
+    const char *tpl = o->attention_partition             ? spar__template_srun_hetjob
                       : strcmp(o->launcher, "srun") == 0 ? spar__template_srun
                                                          : spar__template_mpirun;
     char *text = ok ? render(tpl, fills, count) : NULL;
@@ -333,13 +350,12 @@ int spar__cmd_submit(int argc, char **argv) {
             code = SPAR_EXIT_BAD_INPUT;
         } else if ((code = attention_tasks(&o, scratch, &attention)) == 0 &&
                    (code = layout(&o, scratch, attention, &nodes, &per_node)) == 0 &&
-                   spar__check_grid(o.sets, o.nsets, file, nodes * per_node + attention,
-                                    scratch) != 0) {
+                   spar__check_grid(o.sets, o.nsets, file, nodes * per_node + attention, scratch) !=
+                       0) {
             code = SPAR_EXIT_BAD_INPUT;
         }
     }
-    char *text =
-        code == 0 && !o.help ? script_text(&o, scratch, nodes, per_node, attention) : NULL;
+    char *text = code == 0 && !o.help ? script_text(&o, scratch, nodes, per_node, attention) : NULL;
     if (code == 0 && !o.help && !text) code = SPAR_EXIT_FAILURE;
     if (text && o.dry_run) fputs(text, stdout);
     if (text && !o.dry_run) code = sbatch(text, &o, nodes * per_node + attention);

@@ -55,8 +55,7 @@ SPAR_SIMD_CLONES static void scores(int per, int d, float scale, const float *q,
 /* o_j += sum_t p[j][t] v_t over the tile's len keys: each pair of value rows is loaded
  * once from memory and added into every query's output row (in L1). */
 SPAR_SIMD_CLONES static void values(int per, int d, int len, const float *restrict v,
-                                    int64_t stride, float (*restrict p)[TILE],
-                                    float *restrict o) {
+                                    int64_t stride, float (*restrict p)[TILE], float *restrict o) {
     int t = 0;
     for (; t + 1 < len; t += 2) {
         const float *v0 = v + t * stride, *v1 = v0 + stride;
@@ -108,8 +107,8 @@ static void group(const spar_attn_dims *dims, int64_t n, const float *kt, const 
 }
 
 int spar_decode_attention(const spar_attn_dims *dims, int64_t n, const float *kt,
-                          int64_t kt_head_stride, const float *v, int64_t stride_v,
-                          const float *q, float *o, float *lse) {
+                          int64_t kt_head_stride, const float *v, int64_t stride_v, const float *q,
+                          float *o, float *lse) {
     int per = dims->heads / dims->kv_heads, d = dims->head_dim;
     if (per > MAX_GROUP) return SPAR_EUNSUP; /* validation refuses such models first */
     for (int g = 0; g < dims->kv_heads; g++)

@@ -91,8 +91,8 @@ double spar_kernels_triad_gbs(int64_t floats, double min_seconds) {
             double dt = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
             double gbs = dt > 0 ? 3.0 * sizeof(float) * (double)floats / dt / 1e9 : 0.0;
             best = gbs > best ? gbs : best;
-            double total = (double)(t1.tv_sec - start.tv_sec) +
-                           1e-9 * (double)(t1.tv_nsec - start.tv_nsec);
+            double total =
+                (double)(t1.tv_sec - start.tv_sec) + 1e-9 * (double)(t1.tv_nsec - start.tv_nsec);
             if (run >= 2 && total >= min_seconds) break;
         }
         best += 0.0 * a[floats / 2]; /* the stores are used: not optimised away */

@@ -139,8 +139,8 @@ static void fwd_block(sweep *w, head_state *hs, const rows *r, int p0, int len, 
             dst[e] = c * xb[(size_t)i * r->ldx + e];
         memcpy(zs + (size_t)i * d, zb + (size_t)i * r->ldyz, sizeof(float) * (size_t)d);
     }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, len, d, len + d, 1.0f, w->a, lda, zs,
-                d, 0.0f, out + (size_t)p0 * ldo, ldo);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, len, d, len + d, 1.0f, w->a, lda, zs, d,
+                0.0f, out + (size_t)p0 * ldo, ldo);
     float c[B];
     for (int j = 0; j < len; j++)
         c[j] = hs->pw[len - 1 - j];
