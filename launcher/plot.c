@@ -98,6 +98,9 @@ int spar__report_plot(const spar_report *all, const char *out) {
                            "spar report: --plot '%s' (allowed: a file ending in "
                            ".svg or .png)",
                            out);
+    if (col("fwd_ms") < 0)
+        return spar_errorf(SPAR_EUNSUP, "spar report: --plot draws attention records (run, "
+                                        "bench); this file holds generation records only");
     if (!gnuplot_found())
         return spar_errorf(SPAR_EUNSUP, "spar report: gnuplot is not installed, so no plot was "
                                         "drawn (apt-get install gnuplot-nox); the table above is "

@@ -24,7 +24,7 @@ typedef struct column {
     double scale; /* numbers: multiplied by this */
 } column;
 
-static const column columns[SPAR_REPORT_COLUMNS] = {
+static const column attention_columns[] = {
     {"record", NULL, "record", NULL, 11, true, 0},
     {"name", "run.name", "settings.run.name", NULL, 12, true, 0},
     {"method", "parallel.method", "settings.parallel.method", NULL, 9, true, 0},
@@ -48,9 +48,42 @@ static const column columns[SPAR_REPORT_COLUMNS] = {
     {"max_err", NULL, "rel_err.o", NULL, 9, false, 1},
 };
 
-/* Columns before this one describe the run (grouping shows '*' where they differ);
- * from it on they are figures (grouping shows their median). */
-#define FIRST_FIGURE 12
+/* The records of generation (run.mode=generate). */
+static const column generate_columns[] = {
+    {"record", NULL, "record", NULL, 11, true, 0},
+    {"name", "run.name", "settings.run.name", NULL, 12, true, 0},
+    {"method", "parallel.method", "settings.parallel.method", NULL, 8, true, 0},
+    {"split", NULL, "split", NULL, 9, true, 0},
+    {"job", "slurm.job_id", "slurm.job_id", NULL, 6, true, 0},
+    {"prompts", "workload.prompt_lengths", "settings.workload.prompt_lengths", NULL, 12, true, 0},
+    {"P", "ranks", "ranks", NULL, 3, false, 1},
+    {"K", "parallel.attention_ranks", "attention_ranks", NULL, 3, false, 1},
+    {"B", "workload.batch", "settings.workload.batch", NULL, 4, false, 1},
+    {"gen", "workload.generate", "settings.workload.generate", NULL, 4, false, 1},
+    {"layers", "model.layers", "settings.model.layers", NULL, 6, false, 1},
+    {"tok/s", NULL, "tokens_per_s", NULL, 8, false, 1},
+    {"p50_ms", NULL, "step_ms_p50", NULL, 8, false, 1},
+    {"p99_ms", NULL, "step_ms_p99", NULL, 8, false, 1},
+    {"B/tok/layer", NULL, "bytes_per_token_layer", NULL, 11, false, 1},
+    {"formula", NULL, "bytes_per_token_layer_formula", NULL, 8, false, 1},
+    {"idle", NULL, "idle_fraction", NULL, 5, false, 1},
+    {"kv_GB/s", NULL, "kv_read_gbs_busy", NULL, 8, false, 1},
+    {"x_triad", NULL, "kv_read_fraction_of_triad", NULL, 7, false, 1},
+};
+
+/* A file's columns: columns before first_figure describe the run (grouping shows '*'
+ * where they differ), the others are figures (grouping shows their median); max_err
+ * (or -1) is filled with the largest of the record's errors. */
+typedef struct table {
+    const column *cols;
+    int n, first_figure, max_err;
+} table;
+
+static const table attention_table = {attention_columns,
+                                      (int)(sizeof attention_columns / sizeof(column)), 12, 19};
+static const table generate_table = {generate_columns,
+                                     (int)(sizeof generate_columns / sizeof(column)), 11, -1};
+static const table *tab = &attention_table; /* chosen by spar__report_read */
 
 static const char *text_of(const spar_json_flat *j, const column *c) {
     const spar_json_field *f = spar__json_get(j, c->source);
@@ -80,14 +113,30 @@ static double max_error(const spar_json_flat *j) {
 
 static void row_from(const spar_json_flat *j, spar_report_row *r) {
     memset(r, 0, sizeof *r);
-    for (int c = 0; c < SPAR_REPORT_COLUMNS; c++) {
-        if (columns[c].text)
-            snprintf(r->text[c], sizeof r->text[c], "%.63s", text_of(j, &columns[c]));
+    for (int c = 0; c < tab->n; c++) {
+        if (tab->cols[c].text)
+            snprintf(r->text[c], sizeof r->text[c], "%.63s", text_of(j, &tab->cols[c]));
         else
-            r->num[c] = number_of(j, &columns[c]);
+            r->num[c] = number_of(j, &tab->cols[c]);
     }
-    r->num[SPAR_REPORT_COLUMNS - 1] = max_error(j); /* max_err, the last column */
+    if (tab->max_err >= 0) r->num[tab->max_err] = max_error(j);
     r->count = 1;
+}
+
+/* Generation records get their own columns when the file holds nothing else. */
+static void choose_table(FILE *f) {
+    char *line = NULL;
+    size_t cap = 0;
+    bool generate = false, other = false;
+    while (getline(&line, &cap, f) > 0) {
+        if (strstr(line, "{\"record\":\"generate\"") == line)
+            generate = true;
+        else if (strstr(line, "{\"record\":\"") == line)
+            other = true;
+    }
+    free(line);
+    rewind(f);
+    tab = generate && !other ? &generate_table : &attention_table;
 }
 
 int spar__report_read(const char *path, spar_report *rep) {
@@ -95,6 +144,7 @@ int spar__report_read(const char *path, spar_report *rep) {
     FILE *f = fopen(path, "r");
     if (!f)
         return spar_errorf(SPAR_EIO, "spar report: cannot open '%s': %s", path, strerror(errno));
+    choose_table(f);
     char *line = NULL;
     size_t cap = 0;
     int rc = SPAR_OK, lineno = 0;
@@ -123,19 +173,19 @@ int spar__report_read(const char *path, spar_report *rep) {
 }
 
 int spar__report_column(const char *name) {
-    for (int c = 0; c < SPAR_REPORT_COLUMNS; c++)
-        if (strcmp(name, columns[c].name) == 0 ||
-            (columns[c].alias && strcmp(name, columns[c].alias) == 0))
+    for (int c = 0; c < tab->n; c++)
+        if (strcmp(name, tab->cols[c].name) == 0 ||
+            (tab->cols[c].alias && strcmp(name, tab->cols[c].alias) == 0))
             return c;
     return -1;
 }
 
 const char *spar__report_column_name(int c) {
-    return columns[c].name;
+    return tab->cols[c].name;
 }
 
 bool spar__report_column_is_text(int c) {
-    return columns[c].text;
+    return tab->cols[c].text;
 }
 
 static int cmp_double(const void *a, const void *b) {
@@ -161,8 +211,8 @@ static bool same_group(const spar_report_row *a, const spar_report_row *b, const
                        int nkeys) {
     for (int k = 0; k < nkeys; k++) {
         int c = keys[k];
-        if (columns[c].text ? strcmp(a->text[c], b->text[c]) != 0
-                            : !same_number(a->num[c], b->num[c]))
+        if (tab->cols[c].text ? strcmp(a->text[c], b->text[c]) != 0
+                              : !same_number(a->num[c], b->num[c]))
             return false;
     }
     return true;
@@ -187,11 +237,12 @@ int spar__report_group(spar_report *rep, const int *keys, int nkeys) {
         spar_report_row *g = &out[groups++];
         *g = rep->rows[i];
         g->count = m;
-        for (int c = 0; c < SPAR_REPORT_COLUMNS; c++) {
-            if (!columns[c].text && c >= FIRST_FIGURE) g->num[c] = median(rep, idx, m, c, scratch);
-            for (int j = 1; !columns[c].text && c < FIRST_FIGURE && j < m; j++)
+        for (int c = 0; c < tab->n; c++) {
+            if (!tab->cols[c].text && c >= tab->first_figure)
+                g->num[c] = median(rep, idx, m, c, scratch);
+            for (int j = 1; !tab->cols[c].text && c < tab->first_figure && j < m; j++)
                 if (!same_number(rep->rows[idx[j]].num[c], g->num[c])) g->num[c] = INFINITY;
-            for (int j = 1; columns[c].text && j < m; j++) /* differing text: '*' */
+            for (int j = 1; tab->cols[c].text && j < m; j++) /* differing text: '*' */
                 if (strcmp(rep->rows[idx[j]].text[c], g->text[c]) != 0) strcpy(g->text[c], "*");
         }
     }
@@ -216,25 +267,25 @@ static void print_number(double x, int width, bool csv) {
 
 void spar__report_print(const spar_report *rep, bool csv, bool grouped) {
     if (grouped) printf(csv ? "n" : "%4s", "n");
-    for (int c = 0; c < SPAR_REPORT_COLUMNS; c++) {
+    for (int c = 0; c < tab->n; c++) {
         if (grouped || c) putchar(csv ? ',' : ' ');
         if (csv)
-            printf("%s", columns[c].name);
+            printf("%s", tab->cols[c].name);
         else
-            printf(columns[c].text ? "%-*s" : "%*s", columns[c].width, columns[c].name);
+            printf(tab->cols[c].text ? "%-*s" : "%*s", tab->cols[c].width, tab->cols[c].name);
     }
     printf("\n");
     for (int i = 0; i < rep->count; i++) {
         const spar_report_row *r = &rep->rows[i];
         if (grouped) printf(csv ? "%d" : "%4d", r->count);
-        for (int c = 0; c < SPAR_REPORT_COLUMNS; c++) {
+        for (int c = 0; c < tab->n; c++) {
             if (grouped || c) putchar(csv ? ',' : ' ');
-            if (columns[c].text && csv)
+            if (tab->cols[c].text && csv)
                 printf("%s", r->text[c]);
-            else if (columns[c].text)
-                printf("%-*s", columns[c].width, r->text[c]);
+            else if (tab->cols[c].text)
+                printf("%-*s", tab->cols[c].width, r->text[c]);
             else
-                print_number(r->num[c], columns[c].width, csv);
+                print_number(r->num[c], tab->cols[c].width, csv);
         }
         printf("\n");
     }
@@ -262,8 +313,8 @@ static int parse_keys(const char *list, int *keys, int *nkeys) {
         int c = spar__report_column(t);
         if (c < 0 || *nkeys == SPAR_REPORT_COLUMNS) {
             fprintf(stderr, "error: spar report: --group-by column '%s' (allowed:", t);
-            for (int k = 0; k < SPAR_REPORT_COLUMNS; k++)
-                fprintf(stderr, " %s", columns[k].name);
+            for (int k = 0; k < tab->n; k++)
+                fprintf(stderr, " %s", tab->cols[k].name);
             fprintf(stderr, "; or the keys run.name parallel.method attention.type "
                             "sequence.length ...)\n");
             return SPAR_EXIT_BAD_INPUT;

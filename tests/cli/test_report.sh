@@ -78,10 +78,23 @@ t_bad_files() {
     expect_exit 2 0 'a results FILE\.jsonl is required' -- report
 }
 
+t_generate_records() {
+    local res="$TMP/gen.jsonl"
+    expect_exit 0 0 '^local ' -- run --set run.mode=generate --set attention.heads=2 \
+        --set attention.head_dim=8 --set model.layers=1 --set model.vocab=20 \
+        --set workload.batch=2 --set workload.prompt_lengths=3,5 --set workload.generate=4 \
+        --set output.results="$res"
+    expect_exit 0 0 '^record +name +method +split +job +prompts +P +K +B +gen +layers +tok/s +p50_ms' -- \
+        report "$res"
+    grep -Eq '^generate +- +local +- +- +3,5 +1 +0 +2 +4 +1 ' "$OUT" || { show_output; fail "no generate row"; }
+    expect_exit 1 0 '--plot draws attention records' -- report "$res" --plot "$TMP/g.svg"
+}
+
 case_run "report: one row per record, torn lines counted" t_table
 case_run "report --group-by: counts, medians, '*' for differing settings" t_group_by
 case_run "report --csv parses as CSV" t_csv
 case_run "report --plot: SVG and PNG written by gnuplot" t_plots
 case_run "report --plot without gnuplot: clear error, table kept" t_no_gnuplot
 case_run "report: missing file, missing argument" t_bad_files
+case_run "report: generation records get their own columns" t_generate_records
 finish
