@@ -58,8 +58,8 @@ static int decode_step(const spar_model *m, const spar_requests *r, spar__cache 
         for (int b = 0; b < r->count; b++) {
             spar__cache *c = &caches[b];
             SPAR_TRY(spar__cache_put(c, l, c->len, s->k + b * c->row, s->v + b * c->row));
-            SPAR_TRY(spar__attend_one(&dims, c, l, c->len + 1, s->q + b * hd, s->o + b * hd,
-                                      s->lse + (int64_t)b * md->heads));
+            SPAR_TRY(spar__attend_one(m->kernels, &dims, c, l, c->len + 1, s->q + b * hd,
+                                      s->o + b * hd, s->lse + (int64_t)b * md->heads));
         }
         spar__post_attention(m, l, s);
     }

@@ -77,17 +77,10 @@ void spar__logits(const spar_model *m, spar__rows *s, float *logits) {
 /* ---- the KV cache of one request on one holder ---------------------------------------- */
 
 int spar__cache_alloc(spar__cache *c, int layers, int64_t cap, int kv_heads, int head_dim) {
-    int64_t padded = (cap + SPAR_KBLOCK - 1) / SPAR_KBLOCK * SPAR_KBLOCK;
-    *c = (spar__cache){.layers = layers,
-                       .cap = cap,
-                       .row = (int64_t)kv_heads * head_dim,
-                       .kv_heads = kv_heads,
-                       .head_dim = head_dim,
-                       .head_stride = padded * head_dim};
-    size_t kfloats = (size_t)(layers * kv_heads * c->head_stride),
-           vfloats = (size_t)(layers * cap * c->row);
-    c->k = calloc(kfloats ? kfloats : 1, sizeof(float)); /* the padding is read, never used */
-    c->v = malloc(sizeof(float) * (vfloats ? vfloats : 1));
+    *c = (spar__cache){.layers = layers, .cap = cap, .row = (int64_t)kv_heads * head_dim};
+    size_t floats = (size_t)(layers * cap * c->row);
+    c->k = malloc(sizeof(float) * (floats ? floats : 1));
+    c->v = malloc(sizeof(float) * (floats ? floats : 1));
     if (!c->k || !c->v) {
         spar__cache_free(c);
         return SPAR_ENOMEM;
@@ -104,21 +97,17 @@ int spar__cache_put(spar__cache *c, int layer, int64_t index, const float *k, co
     if (index < 0 || index >= c->cap)
         return spar_errorf(SPAR_EINVAL, "KV cache row %lld outside its capacity %lld",
                            (long long)index, (long long)c->cap);
-    int d = c->head_dim;
-    float *kt = c->k + (size_t)layer * (size_t)(c->kv_heads * c->head_stride) +
-                (size_t)(index / SPAR_KBLOCK * d * SPAR_KBLOCK + index % SPAR_KBLOCK);
-    for (int g = 0; g < c->kv_heads; g++) /* transposed: element e at e * SPAR_KBLOCK */
-        for (int e = 0; e < d; e++)
-            kt[g * c->head_stride + e * SPAR_KBLOCK] = k[g * d + e];
-    memcpy(c->v + (size_t)((layer * c->cap + index) * c->row), v, sizeof(float) * (size_t)c->row);
+    size_t at = (size_t)((layer * c->cap + index) * c->row);
+    memcpy(c->k + at, k, sizeof(float) * (size_t)c->row);
+    memcpy(c->v + at, v, sizeof(float) * (size_t)c->row);
     return SPAR_OK;
 }
 
-int spar__attend_one(const spar_attn_dims *dims, const spar__cache *c, int layer, int64_t rows,
-                     const float *q, float *o, float *lse) {
-    const float *kt = c->k + (size_t)layer * (size_t)(c->kv_heads * c->head_stride);
-    const float *v = c->v + (size_t)(layer * c->cap * c->row);
-    return spar_decode_attention(dims, rows, kt, c->head_stride, v, c->row, q, o, lse);
+int spar__attend_one(const spar_kernels *kern, const spar_attn_dims *dims, const spar__cache *c,
+                     int layer, int64_t rows, const float *q, float *o, float *lse) {
+    (void)kern; /* one kernel for every backend: decode is bound by reading the cache */
+    size_t at = (size_t)(layer * c->cap * c->row);
+    return spar_decode_attention(dims, rows, c->k + at, c->v + at, c->row, q, o, lse);
 }
 
 /* Causal attention of a whole prompt over itself (n rows, positions 0..n-1). */

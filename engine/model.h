@@ -32,13 +32,10 @@ void spar__logits(const spar_model *m, spar__rows *s, float *logits);
 /* Causal attention of s's rows over themselves (a prompt): o, lse. */
 int spar__attend_prompt(const spar_model *m, spar__rows *s);
 
-/* One request's K/V on one holder (held kv heads x d = row): v [layers, cap, row];
- * k [layers, kv_heads, head_stride], each head's keys transposed in blocks of SPAR_KBLOCK
- * positions as spar_decode_attention reads them. */
+/* One request's K/V rows on one holder: [layers, cap, row] with row = held kv heads x d. */
 typedef struct spar__cache {
-    int layers, kv_heads, head_dim;
-    int64_t cap, row, len; /* len: positions held (the same in every layer) */
-    int64_t head_stride;   /* floats per kv head and layer in k */
+    int layers;
+    int64_t cap, row, len; /* len: rows held (the same in every layer) */
     float *k, *v;
 } spar__cache;
 
@@ -48,8 +45,8 @@ void spar__cache_free(spar__cache *c);
 int spar__cache_put(spar__cache *c, int layer, int64_t index, const float *k, const float *v);
 /* One query token q [heads, d] over rows 0..rows-1 of the cache's layer: o [heads, d],
  * lse [heads]; with no rows the empty partial (o = 0, lse = -inf). */
-int spar__attend_one(const spar_attn_dims *dims, const spar__cache *c, int layer, int64_t rows,
-                     const float *q, float *o, float *lse);
+int spar__attend_one(const spar_kernels *kern, const spar_attn_dims *dims, const spar__cache *c,
+                     int layer, int64_t rows, const float *q, float *o, float *lse);
 
 spar_attn_dims spar__model_attn_dims(const spar_model_dims *md, int heads, int kv_heads);
 

@@ -126,7 +126,8 @@ static int serve_layer(server *w, int c, int m, int layer, int step) {
             rows++, j++;
         }
         float *l = sp->by_heads ? s->lse : lse + (int64_t)i * sp->heads_per;
-        SPAR_TRY(spar__attend_one(&dims, cache, layer, rows, s->buf + i * qf, o + i * qf, l));
+        SPAR_TRY(spar__attend_one(w->m->kernels, &dims, cache, layer, rows, s->buf + i * qf,
+                                  o + i * qf, l));
         w->out->kv_bytes_read += (double)rows * (double)cache->row * 2.0 * sizeof(float);
     }
     w->out->attend_seconds += spar_comm_wtime() - t0;

@@ -192,17 +192,12 @@ void spar_rmsnorm(int64_t n, int dim, const float *x, const float *w, double eps
 void spar_rope(int64_t n, int heads, int head_dim, const int64_t *pos, double base, float *x);
 /* out = silu(gate) * up, n floats (out may be gate). */
 void spar_swiglu(int64_t n, const float *gate, const float *up, float *out);
-/* Decode attention: one query token q [H, d] over the first n positions of a KV cache;
- * o [H, d] and lse [H] overwritten (n = 0: the empty partial). Keys are stored transposed
- * in blocks of SPAR_KBLOCK positions, so that one vector load carries one element of 16
- * keys: element e of position p of kv head g is at
- *   kt[g * kt_head_stride + (p / SPAR_KBLOCK) * d * SPAR_KBLOCK + e * SPAR_KBLOCK + p %
- * SPAR_KBLOCK]; values are rows: v[p * stride_v + g * d + e]. Each kv head's cache is read once for
- * its whole query group (at most 64 query heads per kv head). */
-#define SPAR_KBLOCK 16
-int spar_decode_attention(const spar_attn_dims *dims, int64_t n, const float *kt,
-                          int64_t kt_head_stride, const float *v, int64_t stride_v, const float *q,
-                          float *o, float *lse);
+/* Decode attention: one query token q [H, d] over n cached keys and values (rows of
+ * stride_kv floats, kv head g at g d), o [H, d] and lse [H] overwritten (n = 0: the empty
+ * partial). Each kv head's rows are read once for its whole query group. At most 64
+ * query heads per kv head. */
+int spar_decode_attention(const spar_attn_dims *dims, int64_t n, const float *k, const float *v,
+                          int64_t stride_kv, const float *q, float *o, float *lse);
 
 /* Memory bandwidth of a STREAM-style triad a = b + s c over arrays of `floats` floats
  * (bytes counted: two reads and a write per element), best of runs for min_seconds, on
