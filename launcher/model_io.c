@@ -153,7 +153,11 @@ static int read_prompts(const spar_config *cfg, int batch, int vocab, int32_t *l
             rc = spar_errorf(SPAR_EINVAL, "key workload.prompts: request %d is empty", b);
         len[b] = n, tokens[b] = row;
     }
-    if (rc != 0) free(all);
+    if (rc != 0) { /* nothing kept: the rows pointed into the block */
+        free(all);
+        for (int b = 0; b < batch; b++)
+            tokens[b] = NULL;
+    }
     return rc;
 }
 

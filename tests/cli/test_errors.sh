@@ -357,4 +357,29 @@ case_run "config check on a bad file exits 2 (no mpirun)" t_config_check_bad_val
 case_run "config check: kv_heads not dividing heads exits 2" t_config_check_kv
 case_run "config check on a good file exits 0 and prints ok" t_config_check_good
 case_run "config check without a file exits 2" t_config_needs_file
+
+GEN=(run --set run.mode=generate --set attention.heads=2 --set attention.head_dim=8
+     --set model.layers=1 --set model.vocab=20 --set workload.batch=2)
+t_generate_bad_prompts() {
+    "$PYTHON3" -c "import numpy as np; np.save('$TMP/p.npy', np.array([[1, 99, -1], [3, 4, 5]], dtype=np.int32))" ||
+        fail "numpy could not write the prompts"
+    expect_exit 2 2 'key workload\.prompts: request 0, position 1: token 99 \(allowed: 0 \.\. model\.vocab-1 = 19' -- \
+        "${GEN[@]}" --set workload.prompts="$TMP/p.npy"
+    "$PYTHON3" -c "import numpy as np; np.save('$TMP/f.npy', np.zeros((2, 3), dtype=np.float32))"
+    expect_exit 2 2 "key workload\.prompts: '.*f\.npy' is <f4 .* \(allowed: int32 <i4" -- \
+        "${GEN[@]}" --set workload.prompts="$TMP/f.npy"
+}
+t_generate_bad_keys() {
+    expect_exit 2 0 'key attention\.head_dim: 7 with run\.mode=generate \(allowed: an even number' -- \
+        "${GEN[@]}" --set attention.head_dim=7
+    expect_exit 2 2 'key parallel\.attention_ranks: 2 in a job of 2 ranks \(allowed: 1 to 1' -- \
+        "${GEN[@]}" --set parallel.attention_ranks=2
+    expect_exit 2 0 "key workload\.prompt_lengths: '3,x' \(allowed: up to 256 comma-separated" -- \
+        "${GEN[@]}" --set workload.prompt_lengths=3,x
+    expect_exit 2 0 "key parallel\.method: 'offload' with run\.mode=attention" -- \
+        run --set parallel.method=offload
+}
+case_run "generate: bad prompt files exit 2 on every rank, naming request and token" \
+    t_generate_bad_prompts
+case_run "generate: bad model and workload keys exit 2" t_generate_bad_keys
 finish
