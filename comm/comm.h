@@ -116,6 +116,8 @@ int spar_comm_op_wait_for(spar_comm *comm, spar_comm_op **op, double seconds, in
                           const char *what);
 int spar_comm_recv_for(spar_comm *comm, void *buf, size_t bytes, int src, int tag, double seconds,
                        const char *what);
+int spar_comm_send_for(spar_comm *comm, const void *buf, size_t bytes, int dest, int tag,
+                       double seconds, const char *what);
 /* Until a message from src with tag is there to receive (then spar_comm_recv_message). */
 int spar_comm_probe_for(spar_comm *comm, int src, int tag, double seconds, const char *what);
 int spar_comm_op_wait(spar_comm *comm, spar_comm_op **op);

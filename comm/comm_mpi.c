@@ -464,6 +464,19 @@ int spar_comm_recv_for(spar_comm *comm, void *buf, size_t bytes, int src, int ta
     return SPAR_OK;
 }
 
+int spar_comm_send_for(spar_comm *comm, const void *buf, size_t bytes, int dest, int tag,
+                       double seconds, const char *what) {
+    for (size_t off = 0; off < bytes; off += PIECE_BYTES) { /* as spar_comm_recv expects */
+        size_t n = bytes - off < PIECE_BYTES ? bytes - off : PIECE_BYTES;
+        MPI_Request req;
+        SPAR_MPI_CHECK(
+            MPI_Isend((const char *)buf + off, (int)n, MPI_BYTE, dest, tag, comm->world, &req));
+        SPAR_TRY(wait_reqs(comm, &req, 1, seconds, dest, what));
+    }
+    comm->bytes_sent += bytes;
+    return SPAR_OK;
+}
+
 int spar_comm_probe_for(spar_comm *comm, int src, int tag, double seconds, const char *what) {
     double start = MPI_Wtime();
     for (long polls = 0;; polls++) {

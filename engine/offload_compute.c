@@ -118,8 +118,9 @@ static int prefill(compute *w, int i) {
             int64_t rows = spar__prompt_rows(&w->sp, a, len);
             share_rows(w, a, s.k, len, buf);
             share_rows(w, a, s.v, len, buf + rows * part);
-            rc = spar_comm_send(w->comm, buf, sizeof(float) * (size_t)(2 * rows * part),
-                                w->sp.compute + a, SPAR__TAG_PREFILL);
+            rc = spar_comm_send_for(w->comm, buf, sizeof(float) * (size_t)(2 * rows * part),
+                                    w->sp.compute + a, SPAR__TAG_PREFILL, w->sp.timeout,
+                                    "a prompt's K/V to be taken");
         }
         if (rc == 0) rc = spar__attend_prompt(m, &s);
         if (rc == 0) spar__post_attention(m, l, &s);
