@@ -121,16 +121,31 @@ static void report(const spar_config *cfg, spar_comm *comm, const spar_generatio
     }
     fprintf(f,
             "{\"record\":\"generate\",\"ranks\":%d,\"compute_ranks\":%d,\"attention_ranks\":%d,"
-            "\"split\":\"%s\",\"prefill_seconds\":%.9g,\"decode_seconds\":%.9g,"
-            "\"tokens_per_s\":%.9g,\"step_ms_p50\":%.9g,\"step_ms_p99\":%.9g,"
-            "\"bytes_per_token_layer\":%.9g,\"bytes_per_token_layer_formula\":%.9g,"
-            "\"header_bytes_per_step\":%.9g,\"idle_fraction\":%.6g,\"kv_read_bytes_max\":%.9g,"
-            "\"kv_held_bytes_max\":%.9g,\"kv_read_gbs_busy\":%.9g,\"triad_gbs\":%.9g,"
-            "\"kv_read_fraction_of_triad\":%.6g,",
-            P, C, K, split, g->prefill_seconds, g->decode_seconds, tps, p50 * 1e3, p99 * 1e3,
-            per_tok, formula, steps > 0 ? headers / steps : 0,
-            g->decode_seconds > 0 ? idle / g->decode_seconds : 0, kv_read, kv_held, busy_gbs, triad,
-            fraction);
+            "\"split\":\"%s\"",
+            P, C, K, split);
+    const struct {
+        const char *key;
+        double value;
+    } fields[] = {{"prefill_seconds", g->prefill_seconds},
+                  {"decode_seconds", g->decode_seconds},
+                  {"tokens_per_s", tps},
+                  {"step_ms_p50", p50 * 1e3},
+                  {"step_ms_p99", p99 * 1e3},
+                  {"bytes_per_token_layer", per_tok},
+                  {"bytes_per_token_layer_formula", formula},
+                  {"header_bytes_per_step", steps > 0 ? headers / steps : 0},
+                  {"idle_fraction", g->decode_seconds > 0 ? idle / g->decode_seconds : 0},
+                  {"kv_read_bytes_max", kv_read},
+                  {"kv_held_bytes_max", kv_held},
+                  {"kv_read_gbs_busy", busy_gbs},
+                  {"triad_gbs", triad},
+                  {"kv_read_fraction_of_triad", fraction}};
+    for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++) /* no step: null, not nan */
+        if (isfinite(fields[i].value))
+            fprintf(f, ",\"%s\":%.9g", fields[i].key, fields[i].value);
+        else
+            fprintf(f, ",\"%s\":null", fields[i].key);
+    fputc(',', f);
     spar__json_common(f, cfg, 0, hosts, spar_comm_library(comm), spar_comm_transport(comm));
     fputs("}\n", f);
     fclose(f);
