@@ -1,7 +1,9 @@
 /* kernels.c: the table of kernel backends and the start-up choice among them. */
+#include <stdio.h>
 #include <string.h>
 
 #include "cpu/cpu_kernels.h"
+#include "spar_status.h"
 
 /* The oracle state products have no failure path but the table's type returns one. */
 static int fwd_state_plain(const spar_linear_dims *dims, bool causal, int64_t n, const float *q,
@@ -104,6 +106,78 @@ static const spar_kernels kernels_blas = {
 
 void openblas_set_num_threads(int num_threads); /* from OpenBLAS */
 #endif
+
+#ifdef SPAR_HAVE_CUDA
+/* The CUDA backend (kernels/cuda/): softmax forward so far; the rest says so. */
+int spar__cuda_softmax_fwd_block(const spar_attn_dims *dims, bool causal, const spar_qblock *q,
+                                 const spar_kvblock *kv);
+int spar__cuda_devices(char *why, size_t len);
+
+static int cuda_missing(void) {
+    return spar_errorf(SPAR_EUNSUP, "run.device=cuda: only the softmax forward kernel runs on "
+                                    "the GPU so far");
+}
+static int cuda_bwd(const spar_attn_dims *d, bool c, const spar_qblock *q, const spar_kvblock *k) {
+    (void)d, (void)c, (void)q, (void)k;
+    return cuda_missing();
+}
+static int cuda_lin_local(const spar_linear_dims *d, int64_t n, const float *q, const float *k,
+                          const float *v, float *o) {
+    (void)d, (void)n, (void)q, (void)k, (void)v, (void)o;
+    return cuda_missing();
+}
+static int cuda_lin_bwd(const spar_linear_dims *d, int64_t n, const float *q, const float *k,
+                        const float *v, const float *dout, float *dq, float *dk, float *dv) {
+    (void)d, (void)n, (void)q, (void)k, (void)v, (void)dout, (void)dq, (void)dk, (void)dv;
+    return cuda_missing();
+}
+static int cuda_lin_state(const spar_linear_dims *d, bool c, int64_t n, const float *a,
+                          const float *b, float *m) {
+    (void)d, (void)c, (void)n, (void)a, (void)b, (void)m;
+    return cuda_missing();
+}
+static int cuda_lin_fwd_state(const spar_linear_dims *d, bool c, int64_t n, const float *q,
+                              const float *s, float *o) {
+    (void)d, (void)c, (void)n, (void)q, (void)s, (void)o;
+    return cuda_missing();
+}
+static int cuda_lin_bwd_state(const spar_linear_dims *d, bool c, int64_t n, const float *k,
+                              const float *v, const float *dout, const float *s, const float *dkv,
+                              float *dq, float *dk, float *dv) {
+    (void)d, (void)c, (void)n, (void)k, (void)v, (void)dout, (void)s, (void)dkv, (void)dq;
+    (void)dk, (void)dv;
+    return cuda_missing();
+}
+
+static const spar_kernels kernels_cuda = {
+    .name = "cuda",
+    .softmax_fwd_block = spar__cuda_softmax_fwd_block,
+    .softmax_bwd_block = cuda_bwd,
+    .linear_fwd_local = cuda_lin_local,
+    .linear_bwd_local = cuda_lin_bwd,
+    .linear_state = cuda_lin_state,
+    .linear_fwd_state = cuda_lin_fwd_state,
+    .linear_dstate = cuda_lin_state,
+    .linear_bwd_state = cuda_lin_bwd_state,
+};
+#endif
+
+int spar_kernels_cuda_devices(char *why, size_t len) {
+#ifdef SPAR_HAVE_CUDA
+    return spar__cuda_devices(why, len);
+#else
+    snprintf(why, len, "this build has no CUDA (configured without nvcc, or SPAR_WITH_CUDA=OFF)");
+    return 0;
+#endif
+}
+
+const spar_kernels *spar_kernels_cuda(void) {
+#ifdef SPAR_HAVE_CUDA
+    return &kernels_cuda;
+#else
+    return NULL;
+#endif
+}
 
 /* Best first: "auto" takes the first entry this build has. */
 static const spar_kernels *const backends[] = {

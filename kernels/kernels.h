@@ -22,6 +22,7 @@
 #define SPAR_KERNELS_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 typedef struct spar_attn_dims {
@@ -144,6 +145,13 @@ void spar_alibi_decay(int heads, double *decay);
 /* The backend named `name` ("scalar", or "auto" for the best this host runs), or NULL
  * for an unknown name. */
 const spar_kernels *spar_kernels_select(const char *name);
+
+/* CUDA devices visible to this process (0, with the reason in why, when there are none
+ * or the build has no CUDA), and the CUDA backend (NULL without CUDA in the build): the
+ * softmax forward kernel on the GPU with host staging; its other members return
+ * SPAR_EUNSUP for now. */
+int spar_kernels_cuda_devices(char *why, size_t len);
+const spar_kernels *spar_kernels_cuda(void);
 
 /* "|"-separated list of the backends this build has, for help texts. */
 const char *spar_kernels_names(void);

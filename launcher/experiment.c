@@ -132,7 +132,9 @@ void spar__problem_from_config(const spar_config *cfg, const spar_partition *par
                  (float)(isnan(scale) ? 1.0 / sqrt((double)d) : scale)},
         .causal = cfg->v[SPAR_KEY_ATTN_CAUSAL].b,
         .part = part,
-        .kernels = spar_kernels_select(cfg->v[SPAR_KEY_RUN_KERNEL].s),
+        .kernels = strcmp(cfg->v[SPAR_KEY_RUN_DEVICE].s, "cuda") == 0
+                       ? spar_kernels_cuda()
+                       : spar_kernels_select(cfg->v[SPAR_KEY_RUN_KERNEL].s),
         .query_block = cfg->v[SPAR_KEY_RUN_QUERY_BLOCK].i,
         .head_groups = (int)cfg->v[SPAR_KEY_PAR_HEAD_GROUPS].i,
         .progress = spar__show_progress,

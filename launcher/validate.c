@@ -28,6 +28,26 @@ static void set_text(spar_config *cfg, int id, const char *text) {
 
 /* The method and partition for this attention type, "auto" resolved here so that every
  * rank runs (and every record shows) the same thing. */
+/* run.device=cuda: a device, and what its kernels cover so far. */
+static int check_device(const spar_config *cfg, spar_err *err) {
+    if (strcmp(key_str(cfg, SPAR_KEY_RUN_DEVICE), "cuda") != 0) return SPAR_OK;
+    char why[256] = "";
+    if (spar_kernels_cuda_devices(why, sizeof why) == 0)
+        return spar__err_set(err, SPAR_EUNSUP, "key run.device: 'cuda': %s (allowed: cpu)", why);
+    if (strcmp(key_str(cfg, SPAR_KEY_RUN_KERNEL), "auto") != 0)
+        return spar__err_set(err, SPAR_EINVAL,
+                             "key run.kernel: '%s' with run.device=cuda (allowed: auto; the "
+                             "device has its own kernels)",
+                             key_str(cfg, SPAR_KEY_RUN_KERNEL));
+    if (strcmp(key_str(cfg, SPAR_KEY_ATTN_TYPE), "softmax") != 0 || cfg->v[SPAR_KEY_RUN_BACKWARD].b)
+        return spar__err_set(err, SPAR_EUNSUP,
+                             "keys attention.type=%s, run.backward=%s with run.device=cuda "
+                             "(allowed: softmax forward; the other GPU kernels are not built yet)",
+                             key_str(cfg, SPAR_KEY_ATTN_TYPE),
+                             cfg->v[SPAR_KEY_RUN_BACKWARD].b ? "true" : "false");
+    return SPAR_OK;
+}
+
 static int check_methods(spar_config *cfg, spar_err *err) {
     if (!spar_kernels_select(key_str(cfg, SPAR_KEY_RUN_KERNEL)))
         return spar__err_set(err, SPAR_EUNSUP,
@@ -195,6 +215,7 @@ int spar__config_validate(spar_config *cfg, int world_size, spar_err *err) {
                              "key parallel.method: 'offload' with run.mode=attention (allowed: "
                              "ring|allgather|lasp2|lasp1|local; offload serves run.mode=generate)");
     SPAR_TRY(check_methods(cfg, err));
+    SPAR_TRY(check_device(cfg, err));
     SPAR_TRY(check_type_keys(cfg, err));
     SPAR_TRY(spar__check_heads(cfg, err));
     SPAR_TRY(check_backward(cfg, err));

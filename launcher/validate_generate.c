@@ -101,6 +101,10 @@ int spar__validate_generate(spar_config *cfg, int world_size, spar_err *err) {
         return spar__err_set(err, SPAR_EUNSUP,
                              "key run.kernel: '%s' with run.mode=generate (allowed: %s, not none)",
                              cfg->v[SPAR_KEY_RUN_KERNEL].s, spar_kernels_names());
+    if (strcmp(cfg->v[SPAR_KEY_RUN_DEVICE].s, "cpu") != 0)
+        return spar__err_set(err, SPAR_EUNSUP,
+                             "key run.device: '%s' with run.mode=generate (allowed: cpu)",
+                             cfg->v[SPAR_KEY_RUN_DEVICE].s);
     SPAR_TRY(spar__check_heads(cfg, err));
     SPAR_TRY(check_model(cfg, err));
     SPAR_TRY(check_lengths(cfg, err));
