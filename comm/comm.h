@@ -4,8 +4,9 @@
  * failure comes back as a status naming the call, rank and host; a nonblocking ring
  * exchange (send to rank+1, receive from rank-1) and nonblocking all-gather and
  * reduce-scatter that the engine posts before it computes; small collectives for
- * agreeing on errors and gathering figures; point-to-point sends for tensor I/O;
- * per-rank byte counters.
+ * agreeing on errors and gathering figures; point-to-point sends for tensor I/O and
+ * control messages of unknown size; waits that give up after a timeout, naming the peer;
+ * communicators split by role; per-rank byte counters.
  * Sizes: point-to-point messages above 1 GiB travel in pieces (up to 32 GiB per
  * operation); a collective takes up to 2^31-1 floats per call (the engine splits its
  * collectives by head group).

@@ -16,6 +16,9 @@
  *          spar_vec_add.
  *          Linear attention: spar_linear_dims, the segment functions spar_linear_*,
  *          spar_alibi_decay.
+ *          Decoder layers: spar_matmul, spar_rmsnorm, spar_rope, spar_swiglu, spar_argmax,
+ *          spar_decode_attention; yardsticks spar_kernels_sgemm_gflops,
+ *          spar_kernels_triad_gbs; the CUDA backend spar_kernels_cuda (kernels/cuda/).
  * Leaves out: MPI (never here).
  */
 #ifndef SPAR_KERNELS_H
