@@ -108,18 +108,17 @@ void openblas_set_num_threads(int num_threads); /* from OpenBLAS */
 #endif
 
 #ifdef SPAR_HAVE_CUDA
-/* The CUDA backend (kernels/cuda/): softmax forward so far; the rest says so. */
+/* The CUDA backend (kernels/cuda/): softmax forward and backward so far; the rest says
+ * so. */
 int spar__cuda_softmax_fwd_block(const spar_attn_dims *dims, bool causal, const spar_qblock *q,
+                                 const spar_kvblock *kv);
+int spar__cuda_softmax_bwd_block(const spar_attn_dims *dims, bool causal, const spar_qblock *q,
                                  const spar_kvblock *kv);
 int spar__cuda_devices(char *why, size_t len);
 
 static int cuda_missing(void) {
-    return spar_errorf(SPAR_EUNSUP, "run.device=cuda: only the softmax forward kernel runs on "
-                                    "the GPU so far");
-}
-static int cuda_bwd(const spar_attn_dims *d, bool c, const spar_qblock *q, const spar_kvblock *k) {
-    (void)d, (void)c, (void)q, (void)k;
-    return cuda_missing();
+    return spar_errorf(SPAR_EUNSUP, "run.device=cuda: only the softmax kernels run on the GPU "
+                                    "so far");
 }
 static int cuda_lin_local(const spar_linear_dims *d, int64_t n, const float *q, const float *k,
                           const float *v, float *o) {
@@ -152,7 +151,7 @@ static int cuda_lin_bwd_state(const spar_linear_dims *d, bool c, int64_t n, cons
 static const spar_kernels kernels_cuda = {
     .name = "cuda",
     .softmax_fwd_block = spar__cuda_softmax_fwd_block,
-    .softmax_bwd_block = cuda_bwd,
+    .softmax_bwd_block = spar__cuda_softmax_bwd_block,
     .linear_fwd_local = cuda_lin_local,
     .linear_bwd_local = cuda_lin_bwd,
     .linear_state = cuda_lin_state,

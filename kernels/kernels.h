@@ -151,8 +151,8 @@ const spar_kernels *spar_kernels_select(const char *name);
 
 /* CUDA devices visible to this process (0, with the reason in why, when there are none
  * or the build has no CUDA), and the CUDA backend (NULL without CUDA in the build): the
- * softmax forward kernel on the GPU with host staging; its other members return
- * SPAR_EUNSUP for now. */
+ * softmax forward and backward kernels on the GPU with host staging; its linear-attention
+ * members return SPAR_EUNSUP for now. */
 int spar_kernels_cuda_devices(char *why, size_t len);
 const spar_kernels *spar_kernels_cuda(void);
 
