@@ -115,6 +115,7 @@ int spar__cuda_softmax_fwd_block(const spar_attn_dims *dims, bool causal, const 
 int spar__cuda_softmax_bwd_block(const spar_attn_dims *dims, bool causal, const spar_qblock *q,
                                  const spar_kvblock *kv);
 int spar__cuda_devices(char *why, size_t len);
+int spar__cuda_use_device(int local_rank, int *device);
 
 static int cuda_missing(void) {
     return spar_errorf(SPAR_EUNSUP, "run.device=cuda: only the softmax kernels run on the GPU "
@@ -167,6 +168,15 @@ int spar_kernels_cuda_devices(char *why, size_t len) {
 #else
     snprintf(why, len, "this build has no CUDA (configured without nvcc, or SPAR_WITH_CUDA=OFF)");
     return 0;
+#endif
+}
+
+int spar_kernels_cuda_use_device(int local_rank, int *device) {
+#ifdef SPAR_HAVE_CUDA
+    return spar__cuda_use_device(local_rank, device);
+#else
+    (void)local_rank, (void)device;
+    return SPAR_EUNSUP;
 #endif
 }
 

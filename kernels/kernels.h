@@ -155,6 +155,9 @@ const spar_kernels *spar_kernels_select(const char *name);
  * members return SPAR_EUNSUP for now. */
 int spar_kernels_cuda_devices(char *why, size_t len);
 const spar_kernels *spar_kernels_cuda(void);
+/* The device this process uses: local_rank mod the devices visible (ranks of one host
+ * share its GPUs in turn); *device says which. */
+int spar_kernels_cuda_use_device(int local_rank, int *device);
 
 /* "|"-separated list of the backends this build has, for help texts. */
 const char *spar_kernels_names(void);

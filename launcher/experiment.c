@@ -110,6 +110,20 @@ int spar__run_pass(spar_comm *comm, const spar_method *method, const spar_attn_p
     return (backward ? method->backward : method->forward)(comm, prob, &io, m);
 }
 
+/* run.device=cuda: this rank's GPU, by its rank on this host (the launcher says which). */
+static int use_gpu(int rank) {
+    static const char *vars[] = {"OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "MPI_LOCALRANKID"};
+    int local = 0, device = 0;
+    for (size_t i = 0; i < sizeof vars / sizeof vars[0]; i++)
+        if (getenv(vars[i])) {
+            local = atoi(getenv(vars[i]));
+            break;
+        }
+    int rc = spar_kernels_cuda_use_device(local, &device);
+    if (rc == 0) spar_log_debug("rank %d (local rank %d) uses CUDA device %d", rank, local, device);
+    return rc;
+}
+
 /* The decay of every head: one number for all, or the ALiBi rule. decay: [heads]. */
 void spar__decay_from_config(const spar_config *cfg, int heads, double *decay) {
     double lambda = cfg->v[SPAR_KEY_ATTN_DECAY].f;
@@ -164,9 +178,12 @@ int spar__experiment_setup(spar_experiment *x, spar_comm *comm, const spar_confi
         x->t0 = spar_comm_wtime();
         x->prob.progress_ctx = &x->t0;
         if (rank == 0) spar__progress_configure(cfg);
+        int gpu = strcmp(cfg->v[SPAR_KEY_RUN_DEVICE].s, "cuda") == 0 ? use_gpu(rank) : SPAR_OK;
         spar_kernels_set_threads((int)cfg->v[SPAR_KEY_RUN_THREADS].i);
         int64_t n_local = whole ? (rank == 0 ? n : 0) : spar_partition_local_len(&x->part, rank);
-        rc = n_local > 0 ? spar__tensors_alloc(&x->t, n_local, &x->prob, x->backward) : SPAR_OK;
+        rc = gpu != 0      ? gpu
+             : n_local > 0 ? spar__tensors_alloc(&x->t, n_local, &x->prob, x->backward)
+                           : SPAR_OK;
         if (rc == 0 && n_local > 0)
             rc = spar__tensors_load(whole ? NULL : comm, cfg, &x->part, &x->t);
     }

@@ -120,6 +120,13 @@ extern "C" int spar__cuda_devices(char *why, size_t len) {
     return count;
 }
 
+extern "C" int spar__cuda_use_device(int local_rank, int *device) {
+    int count = 0;
+    if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) return SPAR_EUNSUP;
+    *device = local_rank % count; // ranks of one host share its GPUs in turn
+    return check(cudaSetDevice(*device), "set device");
+}
+
 extern "C" int spar__cuda_softmax_fwd_block(const spar_attn_dims *dims, bool causal,
                                             const spar_qblock *qb, const spar_kvblock *kb) {
     if (dims->head_dim > MAX_D) return SPAR_EUNSUP;
