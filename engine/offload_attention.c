@@ -159,10 +159,14 @@ static int serve(server *w) {
             SPAR_TRY(receive_prompts(w, c, m));
     double t0 = spar_comm_wtime();
     uint64_t bytes0 = spar_comm_bytes_sent(w->comm);
-    const char *fault = getenv("SPAR_TEST_FAULT"); /* test hook: stall:STEP stops us */
+    /* test hooks: stall:STEP stops the first attention rank (alive but silent, as if
+     * hung), die:STEP kills it (as a crashed node would be) */
+    const char *fault = getenv("SPAR_TEST_FAULT");
     int stall = fault && strncmp(fault, "stall:", 6) == 0 ? atoi(fault + 6) : -1;
+    int die = fault && strncmp(fault, "die:", 4) == 0 ? atoi(fault + 4) : -1;
     for (int step = 1; step < r->generate; step++) {
-        if (step == stall && w->a == 0) raise(SIGSTOP); /* alive but silent, as if hung */
+        if (step == stall && w->a == 0) raise(SIGSTOP);
+        if (step == die && w->a == 0) raise(SIGKILL);
         SPAR_TRY(headers(w, step));
         for (int l = 0; l < w->m->dims.layers; l++)
             for (int c = 0; c < w->sp.compute; c++)

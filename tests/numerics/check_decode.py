@@ -17,6 +17,7 @@ answering must end the job after comm.timeout with an error naming it.
 """
 import argparse
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -192,6 +193,31 @@ def check_stalled_attention_rank(pb, np_ranks):
           f"naming rank {np_ranks - 1}")
 
 
+def check_killed_attention_rank(pb, np_ranks):
+    """An attention rank killed (SIGKILL at step 3): the job ends at once, non-zero, with a
+    message naming the lost rank and its host, and leaves no spar process behind."""
+    sets = dict(pb["sets"])
+    sets.update({"parallel.method": "offload", "parallel.attention_ranks": 1,
+                 "workload.generate": 8})
+    os.environ["SPAR_TEST_FAULT"] = "die:3"
+    start = time.monotonic()
+    try:
+        cmd = [os.environ["MPIEXEC"], "-np", str(np_ranks), "--oversubscribe", os.environ["SPAR"],
+               "run"] + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+        proc = subprocess.run(cmd, cwd=pb["dir"], capture_output=True, text=True, timeout=60)
+    finally:
+        del os.environ["SPAR_TEST_FAULT"]
+    took = time.monotonic() - start
+    text = proc.stdout + proc.stderr
+    lost = np_ranks - 1
+    assert proc.returncode != 0, "a job that lost a rank exited 0"
+    assert f"process rank {lost} with PID" in text and "signal 9" in text, text[-2000:]
+    assert took < 10, f"the job took {took:.1f} s to stop"
+    left = subprocess.run(["pgrep", "-f", pb["dir"]], capture_output=True, text=True).stdout
+    assert not left.strip(), f"processes left behind: {left}"
+    print(f"ok - a killed attention rank: the job stops in {took:.1f} s, naming rank {lost}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--np", type=int, required=True)
@@ -206,6 +232,7 @@ def main():
             check_offload(gqa, local["gqa"], 2, 1, 2)
             check_corrupt_header(mha, 2)
             check_stalled_attention_rank(mha, 2)
+            check_killed_attention_rank(mha, 2)
         if args.np >= 3:
             check_offload(mha, local["mha"], 3, 2, 2)   # heads: 2 kv heads each
             check_offload(gqa, local["gqa"], 3, 2, 1)   # heads: 1 kv head each
