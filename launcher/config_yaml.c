@@ -90,13 +90,17 @@ static int walk_sweep(walker *w, const char *key, yaml_event_t *first) {
     if (first->type != YAML_SEQUENCE_START_EVENT)
         return spar__err_set(w->err, SPAR_EINVAL, "%s:%d: sweep: key %s: expected a list of values",
                              w->path, line, key);
-    for (;;) {
+    for (int values = 0;; values++) {
         yaml_event_t ev;
         SPAR_TRY(next_event(w, &ev));
         int rc = SPAR_OK;
         if (ev.type == YAML_SEQUENCE_END_EVENT) {
             yaml_event_delete(&ev);
-            return SPAR_OK;
+            return values > 0 ? SPAR_OK
+                              : spar__err_set(w->err, SPAR_EINVAL,
+                                              "%s:%d: sweep: key %s: an empty list (allowed: one "
+                                              "or more values)",
+                                              w->path, line, key);
         }
         if (ev.type == YAML_SCALAR_EVENT)
             rc = add_sweep_value(w, key, (const char *)ev.data.scalar.value, line_of(&ev));

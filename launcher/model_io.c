@@ -41,7 +41,9 @@ static int tensor(const spar_config *cfg, const char *name, int64_t rows, int64_
     const char *dir = cfg->v[SPAR_KEY_MODEL_WEIGHTS].s;
     int64_t width = cols ? cols : 1, shape[2] = {rows, cols};
     float *t = malloc(sizeof(float) * (size_t)(rows * width));
-    if (!(*out = t)) return SPAR_ENOMEM;
+    if (!(*out = t))
+        return spar_errorf(SPAR_ENOMEM, "model: cannot allocate %s (%.3g MiB)", name,
+                           (double)(rows * width) * 4.0 / 1048576.0);
     spar_partition whole;
     spar_partition_init(&whole, SPAR_PARTITION_CONTIGUOUS, rows, 1);
     spar_row_source src = {.seed = (uint64_t)cfg->v[SPAR_KEY_DATA_SEED].i, .stream = stream};

@@ -4,7 +4,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <math.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "launcher.h"
 
@@ -95,6 +97,41 @@ static int check_method(spar_config *cfg, int world, spar_err *err) {
     return SPAR_OK;
 }
 
+static double host_bytes(void) {
+    long pages = sysconf(_SC_PHYS_PAGES), size = sysconf(_SC_PAGE_SIZE);
+    return pages > 0 && size > 0 ? (double)pages * (double)size : 0.0;
+}
+
+/* The weights on a compute rank and the KV cache on an attention rank (or both on the
+ * one rank of a local run) must fit this host's memory: refused here with the sizes,
+ * rather than failing an allocation later. */
+static int check_memory(const spar_config *cfg, spar_err *err) {
+    double D = (double)cfg->v[SPAR_KEY_MODEL_HIDDEN].i, F = (double)cfg->v[SPAR_KEY_MODEL_FFN].i;
+    double V = (double)cfg->v[SPAR_KEY_MODEL_VOCAB].i, L = (double)cfg->v[SPAR_KEY_MODEL_LAYERS].i;
+    double d = (double)cfg->v[SPAR_KEY_ATTN_HEAD_DIM].i, H = (double)cfg->v[SPAR_KEY_ATTN_HEADS].i;
+    double G = (double)cfg->v[SPAR_KEY_ATTN_KV_HEADS].i, B = (double)cfg->v[SPAR_KEY_WORK_BATCH].i;
+    double longest = 0;
+    for (int b = 0; b < 256; b++) {
+        double len = (double)spar__prompt_length(cfg, b);
+        longest = len > longest ? len : longest;
+    }
+    double weights =
+        4.0 * (2 * V * D + D + L * (2 * D + 2 * D * H * d + 2 * D * G * d + 3 * D * F));
+    double cache = 4.0 * 2 * B * (longest + (double)cfg->v[SPAR_KEY_WORK_GENERATE].i) * L * G * d;
+    bool offload = strcmp(cfg->v[SPAR_KEY_PAR_METHOD].s, "offload") == 0;
+    double k = (double)cfg->v[SPAR_KEY_PAR_ATTN_RANKS].i, host = host_bytes();
+    double need = offload ? fmax(weights, cache / k) : weights + cache;
+    if (host <= 0 || need <= host) return SPAR_OK;
+    return spar__err_set(
+        err, SPAR_EINVAL,
+        "model and workload: a rank would hold %.3g GiB (weights %.3g GiB%s, KV "
+        "cache %.3g GiB%s) but this host has %.3g GiB of memory (allowed: smaller "
+        "model.* or workload.* values%s)",
+        need / 1073741824.0, weights / 1073741824.0, offload ? " per compute rank" : "",
+        (offload ? cache / k : cache) / 1073741824.0, offload ? " per attention rank" : "",
+        host / 1073741824.0, offload ? ", or more attention ranks" : "");
+}
+
 int spar__validate_generate(spar_config *cfg, int world_size, spar_err *err) {
     if (!spar_kernels_select(cfg->v[SPAR_KEY_RUN_KERNEL].s) ||
         strcmp(cfg->v[SPAR_KEY_RUN_KERNEL].s, "none") == 0)
@@ -109,6 +146,7 @@ int spar__validate_generate(spar_config *cfg, int world_size, spar_err *err) {
     SPAR_TRY(check_model(cfg, err));
     SPAR_TRY(check_lengths(cfg, err));
     SPAR_TRY(check_method(cfg, world_size, err));
+    SPAR_TRY(check_memory(cfg, err));
     static const int outputs[] = {SPAR_KEY_OUT_TOKENS, SPAR_KEY_OUT_LOGITS, SPAR_KEY_OUT_RESULTS};
     for (size_t i = 0; i < sizeof outputs / sizeof outputs[0]; i++)
         if (*cfg->v[outputs[i]].s)

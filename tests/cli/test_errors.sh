@@ -378,6 +378,11 @@ t_generate_bad_keys() {
         "${GEN[@]}" --set workload.prompt_lengths=3,x
     expect_exit 2 0 "key parallel\.method: 'offload' with run\.mode=attention" -- \
         run --set parallel.method=offload
+    expect_exit 2 0 'a rank would hold .* GiB \(weights .* GiB, KV cache .* GiB\) but this host has .* GiB of memory' -- \
+        "${GEN[@]}" --set model.vocab=16777216 --set attention.head_dim=4096 --set attention.heads=16
+    printf 'sweep:\n  sequence.length: []\n' >"$TMP/empty-sweep.yaml"
+    expect_exit 2 0 'sweep: key sequence\.length: an empty list \(allowed: one or more values\)' -- \
+        config check "$TMP/empty-sweep.yaml"
 }
 case_run "generate: bad prompt files exit 2 on every rank, naming request and token" \
     t_generate_bad_prompts
