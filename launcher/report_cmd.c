@@ -56,6 +56,7 @@ static const column generate_columns[] = {
     {"split", NULL, "split", NULL, 9, true, 0},
     {"job", "slurm.job_id", "slurm.job_id", NULL, 6, true, 0},
     {"prompts", "workload.prompt_lengths", "settings.workload.prompt_lengths", NULL, 12, true, 0},
+    {"ctx", NULL, "settings.workload.prompt_lengths", NULL, 6, false, 1}, /* a single length */
     {"P", "ranks", "ranks", NULL, 3, false, 1},
     {"K", "parallel.attention_ranks", "attention_ranks", NULL, 3, false, 1},
     {"B", "workload.batch", "settings.workload.batch", NULL, 4, false, 1},
@@ -82,7 +83,7 @@ typedef struct table {
 static const table attention_table = {attention_columns,
                                       (int)(sizeof attention_columns / sizeof(column)), 12, 19};
 static const table generate_table = {generate_columns,
-                                     (int)(sizeof generate_columns / sizeof(column)), 11, -1};
+                                     (int)(sizeof generate_columns / sizeof(column)), 12, -1};
 static const table *tab = &attention_table; /* chosen by spar__report_read */
 
 static const char *text_of(const spar_json_flat *j, const column *c) {
@@ -93,10 +94,18 @@ static const char *text_of(const spar_json_flat *j, const column *c) {
     return *f->text ? f->text : "-";
 }
 
-static double number_of(const spar_json_flat *j, const column *c) {
+static double number_of(const spar_json_field *f, double scale) {
+    if (!f) return NAN;
+    if (f->is_num) return f->num * scale;
+    char *end; /* a number written as text, such as one prompt length */
+    double x = strtod(f->text, &end);
+    return *f->text && !*end ? x * scale : NAN;
+}
+
+static double number_in(const spar_json_flat *j, const column *c) {
     const spar_json_field *f = spar__json_get(j, c->source);
     if (!f && c->fallback) f = spar__json_get(j, c->fallback);
-    return f && f->is_num ? f->num * c->scale : NAN;
+    return number_of(f, c->scale);
 }
 
 /* The largest relative error of the record (o, lse and the gradients). */
@@ -117,7 +126,7 @@ static void row_from(const spar_json_flat *j, spar_report_row *r) {
         if (tab->cols[c].text)
             snprintf(r->text[c], sizeof r->text[c], "%.63s", text_of(j, &tab->cols[c]));
         else
-            r->num[c] = number_of(j, &tab->cols[c]);
+            r->num[c] = number_in(j, &tab->cols[c]);
     }
     if (tab->max_err >= 0) r->num[tab->max_err] = max_error(j);
     r->count = 1;
