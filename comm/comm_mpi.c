@@ -420,35 +420,45 @@ int spar_comm_op_test(spar_comm *comm, spar_comm_op *op, int *done) {
     return SPAR_OK;
 }
 
-/* Polls requests until they complete or `seconds` pass (0: no limit); yields the core
- * between polls. A timeout names the peer and what was awaited. */
-static int wait_reqs(spar_comm *comm, MPI_Request *reqs, int n, double seconds, int peer,
-                     const char *what) {
+/* A timed wait in progress: polls spin briefly, then leave the core to others between
+ * tries; past `seconds` (> 0) the wait gives up with an error naming the peer. */
+typedef struct patience {
+    double start, seconds;
+    long polls;
+} patience;
+
+static int keep_waiting(patience *p, int peer, const char *what) {
+    if (p->seconds > 0 && MPI_Wtime() - p->start > p->seconds)
+        return spar_errorf(SPAR_ECOMM,
+                           "no answer from rank %d for %.1f s (comm.timeout) while waiting for "
+                           "%s: that rank is stopped, hung or unreachable",
+                           peer, p->seconds, what);
+    if (++p->polls > 1000) {
+        struct timespec ts = {0, 50000};
+        nanosleep(&ts, NULL);
+    }
+    return SPAR_OK;
+}
+
+/* Requests until they complete or `seconds` pass (0: no limit). */
+static int wait_reqs(MPI_Request *reqs, int n, double seconds, int peer, const char *what) {
     if (seconds <= 0) return mpi_status(MPI_Waitall(n, reqs, MPI_STATUSES_IGNORE), "MPI_Waitall");
-    double start = MPI_Wtime();
-    for (long polls = 0;; polls++) {
+    patience p = {MPI_Wtime(), seconds, 0};
+    for (;;) {
         int done = 0;
         SPAR_MPI_CHECK(MPI_Testall(n, reqs, &done, MPI_STATUSES_IGNORE));
         if (done) return SPAR_OK;
-        if (MPI_Wtime() - start > seconds)
-            return spar_errorf(SPAR_ECOMM,
-                               "no answer from rank %d for %.1f s (comm.timeout) while waiting "
-                               "for %s: that rank is stopped, hung or unreachable",
-                               peer, seconds, what);
-        if (polls > 1000) { /* after a short spin, leave the core to others */
-            struct timespec ts = {0, 50000};
-            nanosleep(&ts, NULL);
-        }
+        SPAR_TRY(keep_waiting(&p, peer, what));
     }
-    (void)comm;
 }
 
 int spar_comm_op_wait_for(spar_comm *comm, spar_comm_op **op, double seconds, int peer,
                           const char *what) {
+    (void)comm; /* the requests carry their communicator */
     spar_comm_op *o = *op;
     *op = NULL;
     if (!o) return SPAR_OK;
-    int rc = wait_reqs(comm, o->reqs, o->nreqs, seconds, peer, what);
+    int rc = wait_reqs(o->reqs, o->nreqs, seconds, peer, what);
     if (rc == 0) op_free(o); /* on a timeout the requests stay posted: the job ends */
     return rc;
 }
@@ -459,7 +469,7 @@ int spar_comm_recv_for(spar_comm *comm, void *buf, size_t bytes, int src, int ta
         size_t n = bytes - off < PIECE_BYTES ? bytes - off : PIECE_BYTES;
         MPI_Request req;
         SPAR_MPI_CHECK(MPI_Irecv((char *)buf + off, (int)n, MPI_BYTE, src, tag, comm->world, &req));
-        SPAR_TRY(wait_reqs(comm, &req, 1, seconds, src, what));
+        SPAR_TRY(wait_reqs(&req, 1, seconds, src, what));
     }
     return SPAR_OK;
 }
@@ -471,27 +481,19 @@ int spar_comm_send_for(spar_comm *comm, const void *buf, size_t bytes, int dest,
         MPI_Request req;
         SPAR_MPI_CHECK(
             MPI_Isend((const char *)buf + off, (int)n, MPI_BYTE, dest, tag, comm->world, &req));
-        SPAR_TRY(wait_reqs(comm, &req, 1, seconds, dest, what));
+        SPAR_TRY(wait_reqs(&req, 1, seconds, dest, what));
     }
     comm->bytes_sent += bytes;
     return SPAR_OK;
 }
 
 int spar_comm_probe_for(spar_comm *comm, int src, int tag, double seconds, const char *what) {
-    double start = MPI_Wtime();
-    for (long polls = 0;; polls++) {
+    patience p = {MPI_Wtime(), seconds, 0};
+    for (;;) {
         int found = 0;
         SPAR_MPI_CHECK(MPI_Iprobe(src, tag, comm->world, &found, MPI_STATUS_IGNORE));
         if (found) return SPAR_OK;
-        if (seconds > 0 && MPI_Wtime() - start > seconds)
-            return spar_errorf(SPAR_ECOMM,
-                               "no answer from rank %d for %.1f s (comm.timeout) while waiting "
-                               "for %s: that rank is stopped, hung or unreachable",
-                               src, seconds, what);
-        if (polls > 1000) {
-            struct timespec ts = {0, 50000};
-            nanosleep(&ts, NULL);
-        }
+        SPAR_TRY(keep_waiting(&p, src, what));
     }
 }
 

@@ -113,8 +113,7 @@ int spar__attend_one(const spar_kernels *kern, const spar_attn_dims *dims, const
 /* Causal attention of a whole prompt over itself (n rows, positions 0..n-1). */
 int spar__attend_prompt(const spar_model *m, spar__rows *s) {
     const spar_model_dims *md = &m->dims;
-    spar_attn_dims dims = {md->heads, md->kv_heads, md->head_dim,
-                           (float)(1.0 / sqrt((double)md->head_dim))};
+    spar_attn_dims dims = spar__model_attn_dims(md, md->heads, md->kv_heads);
     spar_softmax_init_partial(s->n, md->heads, md->head_dim, s->o, s->lse);
     spar_qblock qb = {.n = s->n,
                       .pos = s->pos,

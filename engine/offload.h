@@ -44,6 +44,11 @@ int64_t spar__prompt_rows(const spar__split *sp, int a, int64_t len);
 int64_t spar__q_floats(const spar__split *sp);
 int64_t spar__kv_floats(const spar__split *sp);
 int64_t spar__reply_floats(const spar__split *sp); /* o (and lse by positions) */
+/* The position of the token request `id` processes at decode step `step` (>= 1). */
+static inline int64_t spar__token_position(const spar_requests *r, int id, int step) {
+    return (int64_t)r->prompt_len[id] + step - 1;
+}
+
 /* Does attention rank a hold position p? */
 bool spar__holds(const spar__split *sp, int a, int64_t p);
 

@@ -42,7 +42,7 @@ static int check_header(server *w, const spar__header *h, int c, int m, int step
     else if (step > 0 && !h->stop && h->count != s->count)
         what = "request count", want = s->count, got = h->count;
     for (int i = 0; !what && step > 0 && !h->stop && i < h->count; i++) {
-        int64_t expect = w->r->prompt_len[s->ids[i]] + step - 1;
+        int64_t expect = spar__token_position(w->r, s->ids[i], step);
         if (h->ids[i] != s->ids[i])
             what = "request id", want = s->ids[i], got = h->ids[i];
         else if (h->positions[i] != expect)
@@ -108,7 +108,7 @@ static int serve_layer(server *w, int c, int m, int layer, int step) {
     const spar__split *sp = &w->sp;
     int64_t qf = spar__q_floats(sp), kf = spar__kv_floats(sp), held = 0;
     for (int i = 0; i < s->count; i++)
-        held += spar__holds(sp, w->a, w->r->prompt_len[s->ids[i]] + step - 1);
+        held += spar__holds(sp, w->a, spar__token_position(w->r, s->ids[i], step));
     spar_comm_op *op = NULL;
     SPAR_TRY(spar_comm_sendrecv_start(w->comm, m % 4, NULL, 0, -1, s->buf,
                                       sizeof(float) * (size_t)(s->count * qf + held * 2 * kf), c,
@@ -121,7 +121,7 @@ static int serve_layer(server *w, int c, int m, int layer, int step) {
     for (int i = 0, j = 0; i < s->count; i++) {
         spar__cache *cache = &s->caches[i];
         int64_t rows = cache->len;
-        if (spar__holds(sp, w->a, w->r->prompt_len[s->ids[i]] + step - 1)) {
+        if (spar__holds(sp, w->a, spar__token_position(w->r, s->ids[i], step))) {
             SPAR_TRY(spar__cache_put(cache, layer, rows, kv + j * 2 * kf, kv + j * 2 * kf + kf));
             rows++, j++;
         }
@@ -175,8 +175,8 @@ static int serve(server *w) {
         for (int c = 0; c < w->sp.compute; c++) /* the step's token is now held */
             for (int m = 0; m < w->M[c]; m++)
                 for (int i = 0; i < w->mb[c][m].count; i++)
-                    w->mb[c][m].caches[i].len +=
-                        spar__holds(&w->sp, w->a, r->prompt_len[w->mb[c][m].ids[i]] + step - 1);
+                    w->mb[c][m].caches[i].len += spar__holds(
+                        &w->sp, w->a, spar__token_position(r, w->mb[c][m].ids[i], step));
     }
     w->out->decode_seconds = spar_comm_wtime() - t0;
     w->out->decode_bytes = spar_comm_bytes_sent(w->comm) - bytes0;

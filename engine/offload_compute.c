@@ -32,6 +32,7 @@ typedef struct compute {
     int32_t *tokens; /* [owned, generate] */
     spar_generation *out;
     uint64_t header_bytes;
+    int lie_at; /* test hook SPAR_TEST_FAULT=header:STEP: that step's headers lie; else -1 */
 } compute;
 
 static int request_of(const compute *w, int i) {
@@ -69,13 +70,10 @@ static int mbatch_alloc(compute *w, mbatch *b, int m) {
 static int send_headers(compute *w, const mbatch *b, int m, int step, bool stop) {
     int64_t *pos = malloc(sizeof(int64_t) * (size_t)(b->count + 1));
     if (!pos) return SPAR_ENOMEM;
-    for (int i = 0; i < b->count; i++) {
-        int64_t len = w->r->prompt_len[b->ids[i]];
-        pos[i] = step == 0 ? len : len + step - 1;
-    }
-    const char *fault = getenv("SPAR_TEST_FAULT"); /* test hook: header:STEP lies */
-    if (fault && strncmp(fault, "header:", 7) == 0 && atoi(fault + 7) == step && b->count)
-        pos[0] += 1;
+    for (int i = 0; i < b->count; i++) /* admission: the prompt lengths */
+        pos[i] =
+            step == 0 ? w->r->prompt_len[b->ids[i]] : spar__token_position(w->r, b->ids[i], step);
+    if (step == w->lie_at && b->count) pos[0] += 1;
     spar__header h = {.step = step,
                       .micro_batch = m,
                       .compute_rank = w->c,
@@ -191,7 +189,7 @@ static int decode_step(compute *w, int step, float *logits) {
         mbatch *b = &w->mb[mi];
         SPAR_TRY(send_headers(w, b, mi, step, false));
         for (int i = 0; i < b->count; i++) {
-            b->s.pos[i] = w->r->prompt_len[b->ids[i]] + step - 1;
+            b->s.pos[i] = spar__token_position(w->r, b->ids[i], step);
             b->next[i] = w->tokens[(int64_t)(b->first + i) * w->r->generate + step - 1];
         }
         spar__embed(m, b->count, b->next, b->s.x);
@@ -285,6 +283,8 @@ static int run_compute(compute *w) {
 static int compute_side(spar_comm *comm, const spar_model *m, const spar_requests *r,
                         const spar__split *sp, int micro_batches, spar_generation *out) {
     compute w = {.comm = comm, .m = m, .r = r, .sp = *sp, .c = spar_comm_rank(comm), .out = out};
+    const char *fault = getenv("SPAR_TEST_FAULT");
+    w.lie_at = fault && strncmp(fault, "header:", 7) == 0 ? atoi(fault + 7) : -1;
     w.owned = spar__owned(r->count, sp->compute, w.c);
     w.M = micro_batches < w.owned ? micro_batches : (w.owned > 0 ? w.owned : 1);
     w.mb = calloc((size_t)w.M, sizeof *w.mb);

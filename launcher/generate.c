@@ -57,9 +57,7 @@ static int write_npy(const char *path, const char *descr, int ndim, const int64_
 
 /* What every rank measured, gathered on rank 0. */
 typedef struct figures {
-    /* decode bytes, header bytes, idle s, kv bytes read, kv bytes held, decode s, attend s,
-     * triad GB/s */
-    double v[8];
+    double decode_bytes, header_bytes, idle_seconds, kv_read, kv_held, attend_seconds, triad_gbs;
 } figures;
 
 static int cmp_double(const void *a, const void *b) {
@@ -83,12 +81,13 @@ static void report(const spar_config *cfg, spar_comm *comm, const spar_generatio
     double bytes = 0, headers = 0, idle = 0, kv_read = 0, kv_held = 0, steps = (double)(G - 1);
     double busy_gbs = 0, fraction = INFINITY, triad = 0; /* the slowest attention rank's */
     for (int r = 0; r < P; r++) {
-        bytes += all[r].v[0], headers += all[r].v[1];
-        if (r < C) idle = fmax(idle, all[r].v[2]);
-        kv_read = fmax(kv_read, all[r].v[3]), kv_held = fmax(kv_held, all[r].v[4]);
-        double rate = all[r].v[6] > 0 ? all[r].v[3] / all[r].v[6] / 1e9 : 0;
-        if (r >= C && all[r].v[7] > 0 && rate / all[r].v[7] < fraction)
-            fraction = rate / all[r].v[7], busy_gbs = rate, triad = all[r].v[7];
+        const figures *f = &all[r];
+        bytes += f->decode_bytes, headers += f->header_bytes;
+        if (r < C) idle = fmax(idle, f->idle_seconds);
+        kv_read = fmax(kv_read, f->kv_read), kv_held = fmax(kv_held, f->kv_held);
+        double rate = f->attend_seconds > 0 ? f->kv_read / f->attend_seconds / 1e9 : 0;
+        if (r >= C && f->triad_gbs > 0 && rate / f->triad_gbs < fraction)
+            fraction = rate / f->triad_gbs, busy_gbs = rate, triad = f->triad_gbs;
     }
     if (!isfinite(fraction)) fraction = 0;
     double per_tok = steps > 0 ? (bytes - headers) / (B * steps * md->layers) : 0;
@@ -140,11 +139,10 @@ static void report(const spar_config *cfg, spar_comm *comm, const spar_generatio
                   {"kv_read_gbs_busy", busy_gbs},
                   {"triad_gbs", triad},
                   {"kv_read_fraction_of_triad", fraction}};
-    for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++) /* no step: null, not nan */
-        if (isfinite(fields[i].value))
-            fprintf(f, ",\"%s\":%.9g", fields[i].key, fields[i].value);
-        else
-            fprintf(f, ",\"%s\":null", fields[i].key);
+    for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++) { /* no step: null */
+        fprintf(f, ",\"%s\":", fields[i].key);
+        spar__json_number(f, fields[i].value);
+    }
     fputc(',', f);
     spar__json_common(f, cfg, 0, hosts, spar_comm_library(comm), spar_comm_transport(comm));
     fputs("}\n", f);
@@ -200,9 +198,9 @@ int spar__generate_plan(spar_comm *comm, const spar_config *cfg) {
             spar_log_error("generation failed (%s); stopping every rank", spar_strerror(run));
             spar_comm_abort(comm, SPAR_EXIT_FAILURE);
         }
-        figures mine = {{(double)g.decode_bytes, (double)g.header_bytes, g.idle_seconds,
-                         g.kv_bytes_read, g.kv_bytes_held, g.decode_seconds, g.attend_seconds,
-                         g.triad_gbs}};
+        figures mine = {
+            (double)g.decode_bytes, (double)g.header_bytes, g.idle_seconds, g.kv_bytes_read,
+            g.kv_bytes_held,        g.attend_seconds,       g.triad_gbs};
         figures *all = calloc((size_t)P, sizeof *all);
         rc = all ? spar_comm_gather(comm, &mine, sizeof mine, all, 0) : SPAR_ENOMEM;
         if (rc == 0 && rank == 0) {

@@ -127,9 +127,9 @@ enum spar_key_type { SPAR_KT_BOOL, SPAR_KT_INT, SPAR_KT_FLOAT, SPAR_KT_ENUM, SPA
       "kernel backend: blas (OpenBLAS block products, SIMD softmax), blocked, scalar (the "        \
       "oracle), none (no arithmetic: times communication and memory alone); auto = the "           \
       "fastest this build has")                                                                    \
-    X(RUN_DEVICE, "run.device", ENUM, "cpu", "cpu|cuda", 0, 0,                                    \
-      "where the kernels run: cpu, or cuda (a build with nvcc and a visible GPU; for now the "    \
-      "softmax kernels, with each block staged through host memory)")                             \
+    X(RUN_DEVICE, "run.device", ENUM, "cpu", "cpu|cuda", 0, 0,                                     \
+      "where the kernels run: cpu, or cuda (a build with nvcc and a visible GPU; for now the "     \
+      "softmax kernels, with each block staged through host memory)")                              \
     X(RUN_THREADS, "run.threads", INT, "1", "integer >= 0; 0 = all cores", 0, 4096,                \
       "kernel threads per rank (ranks per host x threads should not exceed its cores)")            \
     X(RUN_RESUME, "run.resume", BOOL, "true", "true|false", 0, 0,                                  \
@@ -230,6 +230,8 @@ int spar__config_load_yaml(spar_config *cfg, const char *path, spar_err *err);
 /* validate.c: cross-key rules; world_size 0 = not known (config check). */
 int spar__config_validate(spar_config *cfg, int world_size, spar_err *err);
 int spar__check_heads(spar_config *cfg, spar_err *err); /* kv_heads resolved and checked */
+/* parallel.ranks, when set, equals the world size (0: not known yet). */
+int spar__check_plan_ranks(const spar_config *cfg, int world_size, spar_err *err);
 int spar__check_writable(const char *key, const char *path, spar_err *err);
 /* validate_generate.c: the rules of run.mode=generate. */
 int spar__validate_generate(spar_config *cfg, int world_size, spar_err *err);
@@ -359,6 +361,9 @@ int spar__append_record(const char *path, const spar_run_result *res);
  * MPI library and transport. */
 void spar__json_common(FILE *f, const spar_config *cfg, int ranks, const char *hosts,
                        const char *library, const char *transport);
+/* A JSON string (escaped) and a JSON number (null when not finite). */
+void spar__json_string(FILE *f, const char *s);
+void spar__json_number(FILE *f, double x);
 /* One whole line appended with a single write() (O_APPEND): never interleaved or torn. */
 int spar__append_line(const char *path, const char *line, size_t len);
 

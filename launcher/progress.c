@@ -22,8 +22,8 @@ static enum style style = STYLE_LINES;
 static const char *last_phase;
 static double last_shown;
 
-/* The parent of process pid (0 if unknown) and its command name. */
-static int parent_of(int pid, char *comm, size_t len) {
+/* Process pid's command name (comm) and parent (returned; 0 if unknown). */
+static int read_stat(int pid, char *comm, size_t len) {
     char path[64], buf[512];
     snprintf(path, sizeof path, "/proc/%d/stat", pid);
     FILE *f = fopen(path, "r");
@@ -44,14 +44,14 @@ static int parent_of(int pid, char *comm, size_t len) {
 static bool watched_by_a_person(void) {
     if (!getenv("OMPI_COMM_WORLD_SIZE")) return isatty(STDOUT_FILENO);
     char comm[64] = "";
-    int pid = (int)getpid();
+    int pid = read_stat((int)getpid(), comm, sizeof comm); /* our parent, then up */
     for (int up = 0; up < 8 && pid > 1; up++) {
-        int ppid = parent_of(pid, comm, sizeof comm);
-        if (ppid <= 1) return false;
-        pid = ppid;
-        parent_of(pid, comm, sizeof comm);
+        int ppid = read_stat(pid, comm, sizeof comm);
         if (strcmp(comm, "orted") == 0) return false; /* a remote node: its log is a pipe */
-        if (strcmp(comm, "mpirun") && strcmp(comm, "mpiexec") && strcmp(comm, "orterun")) continue;
+        if (strcmp(comm, "mpirun") && strcmp(comm, "mpiexec") && strcmp(comm, "orterun")) {
+            pid = ppid;
+            continue;
+        }
         char link[64], target[PATH_MAX];
         snprintf(link, sizeof link, "/proc/%d/fd/1", pid);
         ssize_t n = readlink(link, target, sizeof target - 1);

@@ -102,7 +102,7 @@ void spar__print_result_table(const spar_run_result *res) {
 }
 
 /* JSON string with the characters JSON requires escaped. */
-static void json_string(FILE *f, const char *s) {
+void spar__json_string(FILE *f, const char *s) {
     fputc('"', f);
     for (; *s; s++) {
         unsigned char ch = (unsigned char)*s;
@@ -116,7 +116,7 @@ static void json_string(FILE *f, const char *s) {
     fputc('"', f);
 }
 
-static void json_number(FILE *f, double x) {
+void spar__json_number(FILE *f, double x) {
     if (isfinite(x))
         fprintf(f, "%.9g", x);
     else
@@ -127,7 +127,7 @@ static void json_array(FILE *f, const char *name, const double *x, int n) {
     fprintf(f, ",\"%s\":[", name);
     for (int i = 0; i < n; i++) {
         if (i) fputc(',', f);
-        json_number(f, x[i]);
+        spar__json_number(f, x[i]);
     }
     fputc(']', f);
 }
@@ -140,15 +140,15 @@ static void json_pass(FILE *f, const char *name, const spar_pass_result *p, int 
         return;
     }
     fputs("{\"seconds\":", f);
-    json_number(f, p->seconds);
+    spar__json_number(f, p->seconds);
     fputs(",\"compute_seconds\":", f);
-    json_number(f, p->compute_seconds);
+    spar__json_number(f, p->compute_seconds);
     fputs(",\"wait_seconds\":", f);
-    json_number(f, p->wait_seconds);
+    spar__json_number(f, p->wait_seconds);
     fputs(",\"flops\":", f);
-    json_number(f, p->flops);
+    spar__json_number(f, p->flops);
     fputs(",\"gflops_per_s\":", f);
-    json_number(f, p->gflops_per_s);
+    spar__json_number(f, p->gflops_per_s);
     json_array(f, "bytes_sent_per_rank", p->bytes_sent, ranks);
     fputc('}', f);
 }
@@ -162,9 +162,9 @@ static void json_settings(FILE *f, const spar_config *cfg) {
         if (spar__keys[i].type == SPAR_KT_BOOL || spar__keys[i].type == SPAR_KT_INT)
             fputs(val, f);
         else if (spar__keys[i].type == SPAR_KT_FLOAT && !isnan(cfg->v[i].f))
-            json_number(f, cfg->v[i].f);
+            spar__json_number(f, cfg->v[i].f);
         else
-            json_string(f, val);
+            spar__json_string(f, val);
     }
     fputc('}', f);
 }
@@ -180,16 +180,16 @@ void spar__json_common(FILE *f, const spar_config *cfg, int ranks, const char *h
             SPAR_GIT_COMMIT, when);
     json_settings(f, cfg);
     fprintf(f, ",\"config_file\":");
-    json_string(f, cfg->file);
+    spar__json_string(f, cfg->file);
     fputs(",\"hosts\":[", f);
     for (int r = 0; r < ranks; r++) {
         if (r) fputc(',', f);
-        json_string(f, hosts + 64 * r);
+        spar__json_string(f, hosts + 64 * r);
     }
     fputs("],\"transport\":", f);
-    json_string(f, transport);
+    spar__json_string(f, transport);
     fputs(",\"mpi_library\":", f);
-    json_string(f, library);
+    spar__json_string(f, library);
     if (cfg->point_id[0])
         fprintf(f, ",\"point_id\":\"%s\",\"point\":%d,\"points\":%d", cfg->point_id, cfg->point + 1,
                 cfg->points);
@@ -220,7 +220,7 @@ int spar__append_record(const char *path, const spar_run_result *res) {
     static const char *names[SPAR_ERR_COUNT] = {"o", "lse", "dq", "dk", "dv"};
     for (int i = 0; i < SPAR_ERR_COUNT; i++) {
         fprintf(f, "%s\"%s\":", i ? "," : "", names[i]);
-        json_number(f, res->verified ? res->err[i] : NAN);
+        spar__json_number(f, res->verified ? res->err[i] : NAN);
     }
     fputs("}}\n", f);
     fclose(f);

@@ -86,26 +86,26 @@ static const table generate_table = {generate_columns,
                                      (int)(sizeof generate_columns / sizeof(column)), 12, -1};
 static const table *tab = &attention_table; /* chosen by spar__report_read */
 
-static const char *text_of(const spar_json_flat *j, const column *c) {
+/* The column's field in the record: its source, else its fallback (NULL: neither). */
+static const spar_json_field *field_of(const spar_json_flat *j, const column *c) {
     const spar_json_field *f = spar__json_get(j, c->source);
-    if (!f && c->fallback) f = spar__json_get(j, c->fallback);
+    return f || !c->fallback ? f : spar__json_get(j, c->fallback);
+}
+
+static const char *text_of(const spar_json_flat *j, const column *c) {
+    const spar_json_field *f = field_of(j, c);
     if (!f) return "-";
     if (f->is_num) return "?";
     return *f->text ? f->text : "-";
 }
 
-static double number_of(const spar_json_field *f, double scale) {
+static double number_of(const spar_json_flat *j, const column *c) {
+    const spar_json_field *f = field_of(j, c);
     if (!f) return NAN;
-    if (f->is_num) return f->num * scale;
+    if (f->is_num) return f->num * c->scale;
     char *end; /* a number written as text, such as one prompt length */
     double x = strtod(f->text, &end);
-    return *f->text && !*end ? x * scale : NAN;
-}
-
-static double number_in(const spar_json_flat *j, const column *c) {
-    const spar_json_field *f = spar__json_get(j, c->source);
-    if (!f && c->fallback) f = spar__json_get(j, c->fallback);
-    return number_of(f, c->scale);
+    return *f->text && !*end ? x * c->scale : NAN;
 }
 
 /* The largest relative error of the record (o, lse and the gradients). */
@@ -126,7 +126,7 @@ static void row_from(const spar_json_flat *j, spar_report_row *r) {
         if (tab->cols[c].text)
             snprintf(r->text[c], sizeof r->text[c], "%.63s", text_of(j, &tab->cols[c]));
         else
-            r->num[c] = number_in(j, &tab->cols[c]);
+            r->num[c] = number_of(j, &tab->cols[c]);
     }
     if (tab->max_err >= 0) r->num[tab->max_err] = max_error(j);
     r->count = 1;

@@ -49,19 +49,10 @@ int spar__slurm_check_launch(void) {
 static void json_field(FILE *f, const char *key, const char *env, bool first) {
     const char *v = getenv(env);
     fprintf(f, "%s\"%s\":", first ? "" : ",", key);
-    if (!v) {
+    if (v)
+        spar__json_string(f, v);
+    else
         fputs("null", f);
-        return;
-    }
-    fputc('"', f);
-    for (; *v; v++) /* environment values: escape what JSON needs */
-        if (*v == '"' || *v == '\\')
-            fprintf(f, "\\%c", *v);
-        else if ((unsigned char)*v < 0x20)
-            fprintf(f, "\\u%04x", *v);
-        else
-            fputc(*v, f);
-    fputc('"', f);
 }
 
 void spar__json_slurm(FILE *f) {

@@ -132,13 +132,19 @@ int spar__check_heads(spar_config *cfg, spar_err *err) {
     return SPAR_OK;
 }
 
-static int check_ranks(const spar_config *cfg, int world_size, spar_err *err) {
-    int64_t want = key_int(cfg, SPAR_KEY_PAR_RANKS), n = key_int(cfg, SPAR_KEY_SEQ_LENGTH);
+int spar__check_plan_ranks(const spar_config *cfg, int world_size, spar_err *err) {
+    int64_t want = key_int(cfg, SPAR_KEY_PAR_RANKS);
     if (world_size > 0 && want > 0 && want != world_size)
         return spar__err_set(err, SPAR_EINVAL,
                              "key parallel.ranks: the plan needs %lld ranks but "
                              "the job has %d (start it with -np %lld, or set parallel.ranks=0)",
                              (long long)want, world_size, (long long)want);
+    return SPAR_OK;
+}
+
+static int check_ranks(const spar_config *cfg, int world_size, spar_err *err) {
+    int64_t want = key_int(cfg, SPAR_KEY_PAR_RANKS), n = key_int(cfg, SPAR_KEY_SEQ_LENGTH);
+    SPAR_TRY(spar__check_plan_ranks(cfg, world_size, err));
     int64_t p = world_size > 0 ? world_size : want;
     if (p > 0 && n < p)
         return spar__err_set(err, SPAR_EINVAL,

@@ -10,33 +10,39 @@
 
 #include "launcher.h"
 
-int64_t spar__prompt_length(const spar_config *cfg, int b) {
-    const char *list = cfg->v[SPAR_KEY_WORK_PROMPT_LENGTHS].s;
-    int64_t values[256];
-    int n = 0;
-    for (const char *p = list; *p && n < 256;) {
-        char *end;
-        values[n++] = strtoll(p, &end, 10);
-        p = *end == ',' ? end + 1 : end;
-        if (end == p && *p) break;
-    }
-    return n ? values[b % n] : 0;
-}
+#define MAX_LENGTHS 256
 
-static int check_lengths(const spar_config *cfg, spar_err *err) {
-    const char *list = cfg->v[SPAR_KEY_WORK_PROMPT_LENGTHS].s, *p = list;
+/* workload.prompt_lengths into values: their count, or -1 if the list is not up to
+ * MAX_LENGTHS comma-separated integers from 1 to 2^30. */
+static int parse_lengths(const spar_config *cfg, int64_t values[MAX_LENGTHS]) {
+    const char *p = cfg->v[SPAR_KEY_WORK_PROMPT_LENGTHS].s;
     int count = 0;
     while (*p) {
         char *end;
         long long v = strtoll(p, &end, 10);
-        if (end == p || v < 1 || v > (1LL << 30) || (*end && *end != ',') || ++count > 256)
-            return spar__err_set(err, SPAR_EINVAL,
-                                 "key workload.prompt_lengths: '%s' (allowed: up to 256 "
-                                 "comma-separated integers from 1 to 2^30)",
-                                 list);
+        if (end == p || v < 1 || v > (1LL << 30) || (*end && *end != ',') || count == MAX_LENGTHS)
+            return -1;
+        values[count++] = v;
         p = *end ? end + 1 : end;
     }
-    if (count == 0)
+    return count;
+}
+
+int64_t spar__prompt_length(const spar_config *cfg, int b) {
+    int64_t values[MAX_LENGTHS];
+    int n = parse_lengths(cfg, values);
+    return n > 0 ? values[b % n] : 0;
+}
+
+static int check_lengths(const spar_config *cfg, spar_err *err) {
+    int64_t values[MAX_LENGTHS];
+    int n = parse_lengths(cfg, values);
+    if (n < 0)
+        return spar__err_set(err, SPAR_EINVAL,
+                             "key workload.prompt_lengths: '%s' (allowed: up to %d "
+                             "comma-separated integers from 1 to 2^30)",
+                             cfg->v[SPAR_KEY_WORK_PROMPT_LENGTHS].s, MAX_LENGTHS);
+    if (n == 0)
         return spar__err_set(err, SPAR_EINVAL,
                              "key workload.prompt_lengths: empty (allowed: integers >= 1)");
     return SPAR_OK;
@@ -84,11 +90,7 @@ static int check_method(spar_config *cfg, int world, spar_err *err) {
                              "offload|local)",
                              method);
     int64_t want = cfg->v[SPAR_KEY_PAR_RANKS].i, p = world > 0 ? world : want;
-    if (world > 0 && want > 0 && want != world)
-        return spar__err_set(err, SPAR_EINVAL,
-                             "key parallel.ranks: the plan needs %lld ranks but the job has %d "
-                             "(start it with -np %lld, or set parallel.ranks=0)",
-                             (long long)want, world, (long long)want);
+    SPAR_TRY(spar__check_plan_ranks(cfg, world, err));
     if (strcmp(method, "offload") == 0 && p > 0 && k >= p)
         return spar__err_set(err, SPAR_EINVAL,
                              "key parallel.attention_ranks: %lld in a job of %lld ranks "
@@ -110,11 +112,10 @@ static int check_memory(const spar_config *cfg, spar_err *err) {
     double V = (double)cfg->v[SPAR_KEY_MODEL_VOCAB].i, L = (double)cfg->v[SPAR_KEY_MODEL_LAYERS].i;
     double d = (double)cfg->v[SPAR_KEY_ATTN_HEAD_DIM].i, H = (double)cfg->v[SPAR_KEY_ATTN_HEADS].i;
     double G = (double)cfg->v[SPAR_KEY_ATTN_KV_HEADS].i, B = (double)cfg->v[SPAR_KEY_WORK_BATCH].i;
+    int64_t values[MAX_LENGTHS];
     double longest = 0;
-    for (int b = 0; b < 256; b++) {
-        double len = (double)spar__prompt_length(cfg, b);
-        longest = len > longest ? len : longest;
-    }
+    for (int i = 0, n = parse_lengths(cfg, values); i < n; i++)
+        longest = (double)values[i] > longest ? (double)values[i] : longest;
     double weights =
         4.0 * (2 * V * D + D + L * (2 * D + 2 * D * H * d + 2 * D * G * d + 3 * D * F));
     double cache = 4.0 * 2 * B * (longest + (double)cfg->v[SPAR_KEY_WORK_GENERATE].i) * L * G * d;
