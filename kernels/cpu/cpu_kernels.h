@@ -68,4 +68,11 @@ int spar__linear_bwd_local_blocked(const spar_linear_dims *dims, int64_t n, cons
                                    const float *k, const float *v, const float *dout, float *dq,
                                    float *dk, float *dv);
 
+/* Decode attention with AVX-512 (decode_avx512.c), the shapes of spar_decode_attention.
+ * Usable when spar__decode_avx512_usable: head_dim a multiple of 16, at most 64 queries
+ * per kv head, a processor with AVX-512F. */
+void spar__decode_avx512(const spar_attn_dims *dims, int64_t n, const float *k, const float *v,
+                         int64_t stride, const float *q, float *o, float *lse);
+bool spar__decode_avx512_usable(const spar_attn_dims *dims);
+
 #endif

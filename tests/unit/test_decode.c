@@ -74,6 +74,15 @@ static void decode_attention_shapes(void **state) {
     decode_case(4, 1, 7, 200, 2);  /* MQA, odd d */
     decode_case(8, 2, 64, 1000, 0); /* many tiles */
     decode_case(2, 2, 4, 0, 0);    /* nothing cached: the empty partial */
+    /* head dims that are multiples of 16 take the AVX-512 path where the processor has it:
+     * 1, 2, 3 and 8 queries per kv head, partial key blocks and tiles, more kv heads than
+     * one pass reads, d beyond one block of output columns */
+    decode_case(1, 1, 16, 17, 0);
+    decode_case(6, 2, 32, 129, 1);
+    decode_case(6, 3, 128, 300, 0);
+    decode_case(16, 2, 48, 515, 0);
+    decode_case(10, 10, 80, 257, 2);
+    decode_case(4, 4, 64, 0, 0);
 }
 
 static void dense_pieces(void **state) {
