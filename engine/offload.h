@@ -65,6 +65,8 @@ int spar__header_send(spar_comm *comm, int dest, const spar__header *h, uint64_t
  * spar__header_free); SPAR_EFORMAT, with an error naming the sender, if it does not
  * parse or holds more than max_count requests. */
 int spar__header_recv(spar_comm *comm, int src, int max_count, double timeout, spar__header *h);
+/* The same for a message already received: len bytes from rank src. */
+int spar__header_decode(const void *buf, size_t len, int src, int max_count, spar__header *h);
 void spar__header_free(spar__header *h);
 
 /* The attention side of spar_generate_offload. */

@@ -71,14 +71,9 @@ int spar__header_send(spar_comm *comm, int dest, const spar__header *h, uint64_t
     return rc;
 }
 
-int spar__header_recv(spar_comm *comm, int src, int max_count, double timeout, spar__header *h) {
-    void *buf = NULL;
-    size_t len = 0;
+int spar__header_decode(const void *buf, size_t len, int src, int max_count, spar__header *h) {
     *h = (spar__header){0};
-    SPAR_TRY(spar_comm_probe_for(comm, src, SPAR__TAG_HEADER, timeout, "a control message"));
-    SPAR_TRY(spar_comm_recv_message(comm, src, SPAR__TAG_HEADER, &buf, &len));
     StepHeader *msg = step_header__unpack(NULL, len, buf);
-    free(buf);
     int rc = SPAR_OK;
     if (!msg)
         rc = spar_errorf(SPAR_EFORMAT,
@@ -104,6 +99,17 @@ int spar__header_recv(spar_comm *comm, int src, int max_count, double timeout, s
     }
     if (msg) step_header__free_unpacked(msg, NULL);
     if (rc != 0) spar__header_free(h);
+    return rc;
+}
+
+int spar__header_recv(spar_comm *comm, int src, int max_count, double timeout, spar__header *h) {
+    void *buf = NULL;
+    size_t len = 0;
+    *h = (spar__header){0};
+    SPAR_TRY(spar_comm_probe_for(comm, src, SPAR__TAG_HEADER, timeout, "a control message"));
+    SPAR_TRY(spar_comm_recv_message(comm, src, SPAR__TAG_HEADER, &buf, &len));
+    int rc = spar__header_decode(buf, len, src, max_count, h);
+    free(buf);
     return rc;
 }
 

@@ -26,9 +26,10 @@ typedef struct walker {
     spar_config *cfg;
     const char *path;
     spar_err *err;
-    int includes;   /* files above this one */
-    int keys_seen;  /* top-level keys of this file so far */
-    unsigned swept; /* sweep slots this file has started (bit per slot) */
+    int includes;       /* files above this one */
+    bool read_includes; /* false: text from memory, whose include: is refused */
+    int keys_seen;      /* top-level keys of this file so far */
+    unsigned swept;     /* sweep slots this file has started (bit per slot) */
 } walker;
 
 static int load_file(spar_config *cfg, const char *path, int includes, spar_err *err);
@@ -134,6 +135,9 @@ static int walk_include(walker *w, const yaml_event_t *ev) {
                 : snprintf(path, sizeof path, "%.*s/%s", (int)(slash - w->path), w->path, name);
     if (n < 0 || (size_t)n >= sizeof path)
         return spar__err_set(w->err, SPAR_EINVAL, "%s:%d: include: path too long", w->path, line);
+    if (!w->read_includes)
+        return spar__err_set(w->err, SPAR_EINVAL, "%s:%d: include: '%s' is not read here", w->path,
+                             line, path);
     int rc = load_file(w->cfg, path, w->includes + 1, w->err);
     for (int k = 0; k < SPAR_KEY_COUNT; k++) /* this file's keys may now override them */
         if (w->cfg->origin[k] == SPAR_FROM_FILE) w->cfg->origin[k] = SPAR_FROM_INCLUDE;
@@ -247,16 +251,25 @@ static int walk_document(walker *w) {
     }
 }
 
+/* One file's events, from a file (f) or from memory (text, len). */
+static int load_stream(walker *w, FILE *f, const unsigned char *text, size_t len) {
+    yaml_parser_initialize(&w->parser);
+    if (f)
+        yaml_parser_set_input_file(&w->parser, f);
+    else
+        yaml_parser_set_input_string(&w->parser, text, len);
+    int rc = walk_document(w);
+    yaml_parser_delete(&w->parser);
+    return rc;
+}
+
 static int load_file(spar_config *cfg, const char *path, int includes, spar_err *err) {
     FILE *f = fopen(path, "rb");
     if (!f)
         return spar__err_set(err, SPAR_EIO, "cannot open experiment file '%s': %s", path,
                              strerror(errno));
-    walker w = {.cfg = cfg, .path = path, .err = err, .includes = includes};
-    yaml_parser_initialize(&w.parser);
-    yaml_parser_set_input_file(&w.parser, f);
-    int rc = walk_document(&w);
-    yaml_parser_delete(&w.parser);
+    walker w = {.cfg = cfg, .path = path, .err = err, .includes = includes, .read_includes = true};
+    int rc = load_stream(&w, f, NULL, 0);
     fclose(f);
     return rc;
 }
@@ -264,4 +277,11 @@ static int load_file(spar_config *cfg, const char *path, int includes, spar_err 
 int spar__config_load_yaml(spar_config *cfg, const char *path, spar_err *err) {
     snprintf(cfg->file, sizeof cfg->file, "%s", path);
     return load_file(cfg, path, 0, err);
+}
+
+int spar__config_load_yaml_text(spar_config *cfg, const char *name, const unsigned char *text,
+                                size_t len, bool read_includes, spar_err *err) {
+    snprintf(cfg->file, sizeof cfg->file, "%s", name);
+    walker w = {.cfg = cfg, .path = name, .err = err, .read_includes = read_includes};
+    return load_stream(&w, NULL, text, len);
 }

@@ -226,6 +226,10 @@ int spar__value_check(const char *name, const char *text, spar_err *err);
 /* config_yaml.c: every scalar of the file under its dotted key; `sweep:` lists into
  * cfg->sweep. */
 int spar__config_load_yaml(spar_config *cfg, const char *path, spar_err *err);
+/* The same for a file's text held in memory (name: for messages and relative includes);
+ * with read_includes false an `include:` is checked but refused, so nothing else is read. */
+int spar__config_load_yaml_text(spar_config *cfg, const char *name, const unsigned char *text,
+                                size_t len, bool read_includes, spar_err *err);
 
 /* validate.c: cross-key rules; world_size 0 = not known (config check). */
 int spar__config_validate(spar_config *cfg, int world_size, spar_err *err);
@@ -253,6 +257,9 @@ typedef struct spar_npy_info {
     int64_t data_offset;
 } spar_npy_info;
 int spar__npy_read_info(const char *path, spar_npy_info *info, spar_err *err);
+/* The same for the first len bytes of a file held in memory (name: for messages). */
+int spar__npy_parse_info(const unsigned char *buf, size_t len, const char *name,
+                         spar_npy_info *info, spar_err *err);
 /* Checks an input file for key `key`: float32, C order, exactly `shape`. */
 int spar__npy_check(const char *key, const char *path, int ndim, const int64_t *shape,
                     spar_npy_info *info, spar_err *err);

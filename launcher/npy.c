@@ -50,6 +50,15 @@ static int parse_shape(const char *p, spar_npy_info *info) {
     }
 }
 
+/* numpy's dtype.str: a byte order, a kind letter, a size ('<f4', '|u1', '<M8[ns]'). The
+ * header's keys are found by their text, so a descr that is not a type string (such as
+ * 'shape') would let one key be read from another's value. */
+static bool is_type_string(const char *t) {
+    return t[0] && strchr("<>|=", t[0]) && isalpha((unsigned char)t[1]) &&
+           strspn(t + 1, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789[]") ==
+               strlen(t + 1);
+}
+
 static int parse_dict(const char *dict, spar_npy_info *info) {
     const char *d = dict_value(dict, "descr"), *f = dict_value(dict, "fortran_order");
     const char *s = dict_value(dict, "shape");
@@ -58,6 +67,7 @@ static int parse_dict(const char *dict, spar_npy_info *info) {
     if (!end || end - d - 1 >= (long)sizeof info->descr) return 0;
     memcpy(info->descr, d + 1, (size_t)(end - d - 1));
     info->descr[end - d - 1] = '\0';
+    if (!is_type_string(info->descr)) return 0;
     if (strncmp(f, "True", 4) == 0)
         info->fortran_order = true;
     else if (strncmp(f, "False", 5) == 0)
@@ -67,6 +77,37 @@ static int parse_dict(const char *dict, spar_npy_info *info) {
     return parse_shape(s, info);
 }
 
+int spar__npy_parse_info(const unsigned char *buf, size_t len, const char *name,
+                         spar_npy_info *info, spar_err *err) {
+    memset(info, 0, sizeof *info);
+    if (len < 10 || memcmp(buf, "\x93NUMPY", 6) != 0)
+        return spar__err_set(err, SPAR_EFORMAT, "'%s' is not a .npy file (bad magic)", name);
+    int major = buf[6];
+    if (major < 1 || major > 3)
+        return spar__err_set(err, SPAR_EFORMAT, "'%s': unsupported .npy version %d", name, major);
+    size_t prefix = major == 1 ? 10 : 12; /* 1.0: 2-byte header length, later: 4 bytes */
+    if (len < prefix) return spar__err_set(err, SPAR_EFORMAT, "'%s': truncated .npy header", name);
+    size_t hlen = 0;
+    for (size_t i = 8; i < prefix; i++)
+        hlen |= (size_t)buf[i] << (8 * (i - 8));
+    if (hlen > MAX_HEADER)
+        return spar__err_set(err, SPAR_EFORMAT, "'%s': .npy header of %zu bytes (at most %d)", name,
+                             hlen, MAX_HEADER);
+    if (len - prefix < hlen)
+        return spar__err_set(err, SPAR_EFORMAT, "'%s': truncated .npy header", name);
+    char *dict = malloc(hlen + 1); /* the dict as a string: NUL-terminated */
+    if (!dict) return spar__err_set(err, SPAR_ENOMEM, "'%s': no memory for the header", name);
+    memcpy(dict, buf + prefix, hlen);
+    dict[hlen] = '\0';
+    int rc = SPAR_OK;
+    if (!parse_dict(dict, info))
+        rc = spar__err_set(err, SPAR_EFORMAT, "'%s': malformed .npy header: %.200s", name, dict);
+    else
+        info->data_offset = (int64_t)(prefix + hlen);
+    free(dict);
+    return rc;
+}
+
 int spar__npy_read_info(const char *path, spar_npy_info *info, spar_err *err) {
     memset(info, 0, sizeof *info);
     struct stat st;
@@ -74,41 +115,11 @@ int spar__npy_read_info(const char *path, spar_npy_info *info, spar_err *err) {
         return spar__err_set(err, SPAR_EIO, "'%s' is a directory, not a .npy file", path);
     FILE *fp = fopen(path, "rb");
     if (!fp) return spar__err_set(err, SPAR_EIO, "cannot open '%s': %s", path, strerror(errno));
-    unsigned char pre[12];
-    int rc = SPAR_EFORMAT;
-    char *dict = NULL;
-    size_t got = fread(pre, 1, sizeof pre, fp);
-    if (got < 10 || memcmp(pre, "\x93NUMPY", 6) != 0) {
-        spar__err_set(err, rc, "'%s' is not a .npy file (bad magic)", path);
-        goto done;
-    }
-    int major = pre[6];
-    if (major > 1 && got < 12) {
-        spar__err_set(err, rc, "'%s': truncated .npy header", path);
-        goto done;
-    }
-    size_t hlen = major == 1 ? (size_t)pre[8] | (size_t)pre[9] << 8
-                             : (size_t)pre[8] | (size_t)pre[9] << 8 | (size_t)pre[10] << 16 |
-                                   (size_t)pre[11] << 24;
-    size_t prefix = major == 1 ? 10 : 12;
-    if (major < 1 || major > 3 || hlen > MAX_HEADER) {
-        spar__err_set(err, rc, "'%s': unsupported .npy version %d or header size %zu", path, major,
-                      hlen);
-        goto done;
-    }
-    dict = calloc(1, hlen + 1);
-    if (!dict || fseek(fp, (long)prefix, SEEK_SET) != 0 || fread(dict, 1, hlen, fp) != hlen) {
-        spar__err_set(err, rc, "'%s': truncated .npy header", path);
-        goto done;
-    }
-    if (!parse_dict(dict, info)) {
-        spar__err_set(err, rc, "'%s': malformed .npy header: %.200s", path, dict);
-        goto done;
-    }
-    info->data_offset = (int64_t)(prefix + hlen);
-    rc = SPAR_OK;
-done:
-    free(dict);
+    /* the longest header there can be; a shorter file is parsed as far as it goes */
+    unsigned char *head = malloc(12 + MAX_HEADER);
+    int rc = head ? spar__npy_parse_info(head, fread(head, 1, 12 + MAX_HEADER, fp), path, info, err)
+                  : spar__err_set(err, SPAR_ENOMEM, "'%s': no memory for the header", path);
+    free(head);
     fclose(fp);
     return rc;
 }
@@ -162,16 +173,18 @@ int64_t spar__npy_write_header(int fd, int ndim, const int64_t *shape) {
 }
 
 int64_t spar__npy_write_header_as(int fd, const char *descr, int ndim, const int64_t *shape) {
-    char dict[256], shp[128];
+    char dict[512], shp[256]; /* 8 dimensions of 20 characters fit */
+    if (ndim < 0 || ndim > 8) return -1;
     shape_text(ndim, shape, shp, sizeof shp);
     if (ndim == 1) /* a one-element tuple needs its comma */
         snprintf(shp, sizeof shp, "(%lld,)", (long long)shape[0]);
     int n = snprintf(dict, sizeof dict, "{'descr': '%s', 'fortran_order': False, 'shape': %s, }",
                      descr, shp);
-    size_t total = 10 + (size_t)n + 1; /* magic+version+len, dict, newline */
+    if (n < 0 || (size_t)n >= sizeof dict) return -1; /* never a header cut short */
+    size_t total = 10 + (size_t)n + 1;                /* magic+version+len, dict, newline */
     size_t pad = (64 - total % 64) % 64;
     size_t hlen = (size_t)n + pad + 1;
-    unsigned char head[10 + 256 + 64];
+    unsigned char head[10 + sizeof dict + 64];
     memcpy(head, "\x93NUMPY\x01\x00", 8);
     head[8] = (unsigned char)(hlen & 0xff);
     head[9] = (unsigned char)(hlen >> 8);

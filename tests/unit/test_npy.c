@@ -255,6 +255,76 @@ static void missing_file_is_an_error_naming_the_path(void **state) {
     assert_contains(err.msg, path);
 }
 
+/* Found by tests/fuzz/fuzz_npy: the writer cut a long shape short and wrote a header that
+ * nothing could read. Eight dimensions of 19 digits must read back. */
+static void header_of_eight_long_dimensions_reads_back(void **state) {
+    tmp_dir *d = *state;
+    const char *path = file_in(d, "long.npy");
+    int64_t shape[8];
+    for (int i = 0; i < 8; i++)
+        shape[i] = INT64_MAX - i;
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    assert_true(fd >= 0);
+    int64_t offset = spar__npy_write_header_as(fd, "<i4", 8, shape);
+    assert_int_equal(close(fd), 0);
+    assert_true(offset > 0);
+    spar_npy_info info;
+    spar_err err = {""};
+    assert_int_equal(spar__npy_read_info(path, &info, &err), SPAR_OK);
+    assert_int_equal(info.ndim, 8);
+    for (int i = 0; i < 8; i++)
+        assert_true(info.shape[i] == shape[i]);
+    assert_string_equal(info.descr, "<i4");
+    assert_int_equal(info.data_offset, offset);
+}
+
+/* Every prefix of a valid file is refused, reading nothing past its end (each prefix is
+ * its own allocation, so that AddressSanitizer sees an overread); a version-0 prefix of
+ * 11 bytes once made the reader look at bytes 10 and 11 (tests/fuzz, regression-*). */
+static void every_prefix_of_a_header_is_refused(void **state) {
+    (void)state;
+    static const char dict[] = "{'descr': '<f4', 'fortran_order': False, 'shape': (2,), }";
+    unsigned char whole[128];
+    memset(whole, ' ', sizeof whole);
+    memcpy(whole, "\x93NUMPY\x02\x00\x74\x00\x00\x00", 12); /* 2.0: 116-byte header */
+    memcpy(whole + 12, dict, sizeof dict - 1);
+    whole[127] = '\n';
+    spar_npy_info info;
+    spar_err err = {""};
+    assert_int_equal(spar__npy_parse_info(whole, sizeof whole, "whole", &info, &err), SPAR_OK);
+    assert_int_equal(info.data_offset, 128);
+    for (size_t len = 0; len < sizeof whole; len++) {
+        unsigned char *part = malloc(len + 1);
+        assert_non_null(part);
+        memcpy(part, whole, len);
+        assert_int_equal(spar__npy_parse_info(part, len, "part", &info, &err), SPAR_EFORMAT);
+        free(part);
+    }
+    static const unsigned char v0[11] = "\x93NUMPY\x00PY\x00N";
+    assert_int_equal(spar__npy_parse_info(v0, sizeof v0, "v0", &info, &err), SPAR_EFORMAT);
+    assert_contains(err.msg, "version 0");
+}
+
+/* The header's keys are found by their text: a descr naming a key (found by tests/fuzz)
+ * is no dtype, and is refused rather than read as one. */
+static void descr_must_be_a_type_string(void **state) {
+    (void)state;
+    static const char *const descrs[] = {"fortran_order", "shape", "", "<", "f4", "<f 4"};
+    for (size_t i = 0; i < sizeof descrs / sizeof *descrs; i++) {
+        char head[128];
+        memcpy(head, "\x93NUMPY\x01\x00\x76\x00", 10); /* 1.0, 118-byte header */
+        int n = snprintf(head + 10, sizeof head - 10,
+                         "{'descr': '%s', 'fortran_order': False, 'shape': (1,), }", descrs[i]);
+        memset(head + 10 + n, ' ', sizeof head - 10 - (size_t)n - 1);
+        head[127] = '\n';
+        spar_npy_info info;
+        spar_err err = {""};
+        assert_int_equal(
+            spar__npy_parse_info((const unsigned char *)head, sizeof head, "d", &info, &err),
+            SPAR_EFORMAT);
+    }
+}
+
 #define DIR_TEST(f) cmocka_unit_test_setup_teardown(f, setup_dir, teardown_dir)
 
 int main(void) {
@@ -268,6 +338,9 @@ int main(void) {
         DIR_TEST(truncated_data_is_a_format_error),
         DIR_TEST(truncated_header_is_a_format_error),
         DIR_TEST(missing_file_is_an_error_naming_the_path),
+        DIR_TEST(header_of_eight_long_dimensions_reads_back),
+        cmocka_unit_test(every_prefix_of_a_header_is_refused),
+        cmocka_unit_test(descr_must_be_a_type_string),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
