@@ -14,6 +14,7 @@
 #include <errno.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <yaml.h>
 
 #include "launcher.h"
@@ -230,6 +231,23 @@ static int walk_mapping(walker *w, const char *prefix, int depth) {
     }
 }
 
+/* After the root mapping only the end may come: a second document would be ignored. */
+static int walk_end(walker *w) {
+    for (;;) {
+        yaml_event_t ev;
+        SPAR_TRY(next_event(w, &ev));
+        yaml_event_type_t type = ev.type;
+        int line = line_of(&ev);
+        yaml_event_delete(&ev);
+        if (type == YAML_STREAM_END_EVENT) return SPAR_OK;
+        if (type != YAML_DOCUMENT_END_EVENT)
+            return spar__err_set(w->err, SPAR_EINVAL,
+                                 "%s:%d: a second YAML document (allowed: one mapping of keys "
+                                 "to values per file)",
+                                 w->path, line);
+    }
+}
+
 /* Stream start, document start, then the root mapping (or nothing: an empty file). */
 static int walk_document(walker *w) {
     yaml_event_t ev;
@@ -240,7 +258,10 @@ static int walk_document(walker *w) {
         yaml_event_delete(&ev);
         if (type == YAML_STREAM_END_EVENT || type == YAML_DOCUMENT_END_EVENT) return SPAR_OK;
         if (type == YAML_STREAM_START_EVENT || type == YAML_DOCUMENT_START_EVENT) continue;
-        if (type == YAML_MAPPING_START_EVENT) return walk_mapping(w, "", 1);
+        if (type == YAML_MAPPING_START_EVENT) {
+            SPAR_TRY(walk_mapping(w, "", 1));
+            return walk_end(w);
+        }
         if (type == YAML_SCALAR_EVENT && line == 1)
             return spar__err_set(w->err, SPAR_EINVAL,
                                  "%s: expected a mapping of keys to values, "
@@ -268,6 +289,15 @@ static int load_file(spar_config *cfg, const char *path, int includes, spar_err 
     if (!f)
         return spar__err_set(err, SPAR_EIO, "cannot open experiment file '%s': %s", path,
                              strerror(errno));
+    struct stat st; /* the YAML parser would only say "input error", or read no keys */
+    bool known = fstat(fileno(f), &st) == 0, dir = known && S_ISDIR(st.st_mode);
+    if (dir || (known && S_ISREG(st.st_mode) && st.st_size == 0)) {
+        fclose(f);
+        return spar__err_set(err, SPAR_EIO,
+                             "experiment file '%s' is %s (allowed: a YAML mapping of keys to "
+                             "values)",
+                             path, dir ? "a directory" : "empty");
+    }
     walker w = {.cfg = cfg, .path = path, .err = err, .includes = includes, .read_includes = true};
     int rc = load_stream(&w, f, NULL, 0);
     fclose(f);

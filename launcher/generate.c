@@ -183,20 +183,25 @@ int spar__generate_plan(spar_comm *comm, const spar_config *cfg) {
     int B = (int)cfg->v[SPAR_KEY_WORK_BATCH].i, G = (int)cfg->v[SPAR_KEY_WORK_GENERATE].i;
     spar_requests req = {B, prompts.len, (const int32_t *const *)prompts.rows, G};
     spar_generation g = {0};
-    g.tokens = malloc(sizeof(int32_t) * (size_t)(B * G));
+    g.tokens = malloc(sizeof(int32_t) * (size_t)B * (size_t)G);
     g.logits = malloc(sizeof(float) * (size_t)B * (size_t)md.vocab);
     g.step_seconds = calloc((size_t)G, sizeof(double));
     if (rc == 0 && (!g.tokens || !g.logits || !g.step_seconds)) rc = SPAR_ENOMEM;
     if (rc == 0) rc = spar_comm_barrier(comm);
     if (rc == 0) {
+        const char *prefill = cfg->v[SPAR_KEY_PAR_PREFILL].s, *split = cfg->v[SPAR_KEY_SEQ_PARTITION].s;
         spar_offload oc = {K, (int)cfg->v[SPAR_KEY_PAR_MICRO_BATCHES].i,
-                           cfg->v[SPAR_KEY_COMM_TIMEOUT].f};
+                           cfg->v[SPAR_KEY_COMM_TIMEOUT].f,
+                           strcmp(prefill, "local") == 0 ? NULL : spar_method_find(prefill),
+                           spar__partition_kind(strcmp(split, "auto") == 0 ? "zigzag" : split)};
         int run = offload     ? spar_generate_offload(comm, &lm.model, &req, &oc, &g)
                   : rank == 0 ? spar_generate_local(&lm.model, &req, &g)
                               : SPAR_OK;
         if (run != 0) {
             spar_log_error("generation failed (%s); stopping every rank", spar_strerror(run));
-            spar_comm_abort(comm, SPAR_EXIT_FAILURE);
+            /* a message that fails its checks is bad input, like a bad file: exit 2 */
+            spar_comm_abort(comm, spar_status_is_input_error(run) ? SPAR_EXIT_BAD_INPUT
+                                                                  : SPAR_EXIT_FAILURE);
         }
         figures mine = {
             (double)g.decode_bytes, (double)g.header_bytes, g.idle_seconds, g.kv_bytes_read,

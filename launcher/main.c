@@ -42,8 +42,8 @@ static void usage(FILE *out) {
             "  spar --help | spar run --help | spar --version\n\n"
             "Values on the command line win over the file; the file wins over defaults.\n"
             "Exit codes: 0 ok, 1 runtime failure, 2 bad input, 3 verification failed.\n"
-            "Fault-injection hook for tests: SPAR_TEST_FAULT=ring:R makes rank R's ring send\n"
-            "fail inside MPI.\n\n");
+            "Fault-injection hooks for tests: SPAR_TEST_FAULT=ring:R makes rank R's ring send\n"
+            "fail inside MPI; SPAR_TEST_FAULT=plan:R corrupts the run plan rank R receives.\n\n");
 }
 
 /* Before MPI_Init we do not know our rank; the launchers tell us in the environment.
@@ -140,6 +140,15 @@ static int cmd_config(int argc, char **argv) {
     return code;
 }
 
+/* Test hook SPAR_TEST_FAULT=plan:R: rank R's copy of the run plan arrives with every
+ * byte inverted, as a corrupted message would. */
+static void corrupt_plan_for_test(int rank, uint8_t *buf, size_t len) {
+    const char *fault = getenv("SPAR_TEST_FAULT");
+    if (!fault || strncmp(fault, "plan:", 5) != 0 || atoi(fault + 5) != rank) return;
+    for (size_t i = 0; i < len; i++)
+        buf[i] ^= 0xff;
+}
+
 /* Rank 0 broadcasts cfg packed as a plan, or `status` (negative, already reported) in
  * place of its length; every rank returns the same status and holds the same plan. */
 static int broadcast_plan(spar_comm *comm, spar_config *cfg, int status) {
@@ -157,11 +166,17 @@ static int broadcast_plan(spar_comm *comm, spar_config *cfg, int status) {
         return (int)len;
     }
     if (spar_comm_rank(comm) != 0 && !(buf = malloc((size_t)len + 1))) return SPAR_ENOMEM;
-    int rc = spar_comm_bcast(comm, buf, (size_t)len, 0);
-    if (rc == 0 && spar_comm_rank(comm) != 0 &&
-        (rc = spar__plan_unpack(cfg, buf, (size_t)len, spar_comm_size(comm), &err)))
-        spar_log_error("%s", err.msg);
+    int rc = spar_comm_bcast(comm, buf, (size_t)len, 0), worst = 0;
+    if (rc == 0 && spar_comm_rank(comm) != 0) {
+        corrupt_plan_for_test(spar_comm_rank(comm), buf, (size_t)len);
+        if ((rc = spar__plan_unpack(cfg, buf, (size_t)len, spar_comm_size(comm), &err)))
+            spar_log_error("%s", err.msg);
+    }
     free(buf);
+    /* A rank that cannot read the plan stops every rank; alone it would leave the others
+     * waiting in the run's first collective. */
+    if (spar_comm_agree(comm, rc, &worst) != 0 && rc == 0) rc = SPAR_ECOMM;
+    rc = rc ? rc : worst;
     return rc;
 }
 

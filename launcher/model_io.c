@@ -15,9 +15,11 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "launcher.h"
@@ -129,12 +131,26 @@ static int read_prompts(const spar_config *cfg, int batch, int vocab, int32_t *l
     if (spar__npy_read_info(path, &info, &err) != 0)
         return spar_errorf(SPAR_EFORMAT, "%s", err.msg);
     if (strcmp(info.descr, "<i4") != 0 || info.ndim != 2 || info.shape[0] != batch ||
-        info.fortran_order || info.shape[1] < 1)
+        info.fortran_order || info.shape[1] < 1) {
+        char shape[96] = "(";
+        for (int i = 0; i < info.ndim; i++)
+            snprintf(shape + strlen(shape), sizeof shape - strlen(shape), "%s%lld", i ? ", " : "",
+                     (long long)info.shape[i]);
         return spar_errorf(SPAR_ESHAPE,
-                           "key workload.prompts: '%s' is %s with %d dimension(s) (allowed: "
-                           "int32 <i4, C order, [workload.batch=%d, L >= 1])",
-                           path, info.descr, info.ndim, batch);
+                           "key workload.prompts: '%s' is %s%s with shape %s) (allowed: int32 "
+                           "<i4, C order, [workload.batch=%d, L >= 1])",
+                           path, info.descr, info.fortran_order ? " in Fortran order" : "", shape,
+                           batch);
+    }
+    /* The declared shape against the file's size, before anything is allocated for it. */
     int64_t width = info.shape[1];
+    struct stat st;
+    if (stat(path, &st) != 0 || width > (INT64_MAX - info.data_offset) / 4 / batch ||
+        st.st_size < info.data_offset + 4 * batch * width)
+        return spar_errorf(SPAR_EFORMAT,
+                           "key workload.prompts: '%s' is truncated: shape (%d, %lld) needs "
+                           "%.0f data bytes",
+                           path, batch, (long long)width, 4.0 * batch * (double)width);
     int32_t *all = malloc(sizeof(int32_t) * (size_t)(batch * width));
     int fd = all ? open(path, O_RDONLY) : -1;
     ssize_t want = (ssize_t)(sizeof(int32_t) * (size_t)(batch * width));

@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "launcher.h"
 
@@ -150,6 +151,12 @@ static void choose_table(FILE *f) {
 
 int spar__report_read(const char *path, spar_report *rep) {
     *rep = (spar_report){0};
+    struct stat st;
+    if (stat(path, &st) == 0 && S_ISDIR(st.st_mode))
+        return spar_errorf(SPAR_EIO,
+                           "spar report: '%s' is a directory (allowed: a JSON-lines "
+                           "results file)",
+                           path);
     FILE *f = fopen(path, "r");
     if (!f)
         return spar_errorf(SPAR_EIO, "spar report: cannot open '%s': %s", path, strerror(errno));
@@ -178,6 +185,12 @@ int spar__report_read(const char *path, spar_report *rep) {
     }
     free(line);
     fclose(f);
+    if (rc == 0 && rep->count == 0 && rep->skipped > 0) /* not a results file at all */
+        rc = spar_errorf(SPAR_EFORMAT,
+                         "spar report: '%s' holds no records: none of its %d line(s) is a JSON "
+                         "record (the first: line %d; allowed: the output.results of spar run "
+                         "or spar bench)",
+                         path, rep->skipped, rep->first_skipped);
     return rc;
 }
 
@@ -356,7 +369,7 @@ int spar__cmd_report(int argc, char **argv) {
     if (group && parse_keys(group, keys, &nkeys) != 0) return SPAR_EXIT_BAD_INPUT;
     spar_report rep;
     int rc = spar__report_read(file, &rep);
-    if (rc != 0) return rc == SPAR_EIO ? SPAR_EXIT_BAD_INPUT : SPAR_EXIT_FAILURE;
+    if (rc != 0) return spar_status_is_input_error(rc) ? SPAR_EXIT_BAD_INPUT : SPAR_EXIT_FAILURE;
     if (!csv) printf("# %d record(s) from %s%s", rep.count, file, rep.skipped ? "" : "\n");
     if (!csv && rep.skipped)
         printf("; %d line(s) are not records and were skipped (the first: line %d)\n", rep.skipped,

@@ -16,11 +16,16 @@
 
 #include "launcher.h"
 
+/* 8 keys of 32 values would be 2^40 points: every point is checked before the first runs,
+ * so a grid this large is refused rather than validated for hours. */
+#define MAX_POINTS 65536
+
+/* The grid's size, or MAX_POINTS + 1 for any larger grid (the product could overflow). */
 int spar__grid_points(const spar_sweep *sw) {
-    int count = 1;
-    for (int k = 0; k < sw->nkeys; k++)
+    int64_t count = 1;
+    for (int k = 0; k < sw->nkeys && count <= MAX_POINTS; k++)
         count *= sw->nvalues[k];
-    return count;
+    return count > MAX_POINTS ? MAX_POINTS + 1 : (int)count;
 }
 
 int spar__point_config(const char *const *sets, int nsets, const spar_config *file, int index,
@@ -48,7 +53,18 @@ int spar__point_config(const char *const *sets, int nsets, const spar_config *fi
 int spar__check_grid(const char *const *sets, int nsets, const spar_config *file, int world,
                      spar_config *scratch) {
     spar_err err = {""};
-    for (int i = 0, n = spar__grid_points(&file->sweep); i < n; i++) {
+    const spar_sweep *sw = &file->sweep;
+    if (spar__grid_points(sw) > MAX_POINTS) {
+        char counts[128] = "";
+        for (int k = 0; k < sw->nkeys; k++)
+            snprintf(counts + strlen(counts), sizeof counts - strlen(counts), "%s%d",
+                     k ? " x " : "", sw->nvalues[k]);
+        return spar_errorf(SPAR_EINVAL,
+                           "%s: sweep: %s values make more than %d points (allowed: at most %d; "
+                           "split the sweep over several files)",
+                           file->file, counts, MAX_POINTS, MAX_POINTS);
+    }
+    for (int i = 0, n = spar__grid_points(sw); i < n; i++) {
         int rc = spar__point_config(sets, nsets, file, i, scratch, &err);
         if (rc == 0) rc = spar__config_validate(scratch, world, &err);
         if (rc != 0 && n == 1) return spar_errorf(rc, "%s", err.msg);

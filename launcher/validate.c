@@ -8,6 +8,7 @@
 #include <limits.h>
 #include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -167,6 +168,56 @@ static int check_sizes(const spar_config *cfg, spar_err *err) {
     return SPAR_OK;
 }
 
+double spar__host_memory_bytes(void) {
+    long pages = sysconf(_SC_PHYS_PAGES), size = sysconf(_SC_PAGE_SIZE);
+    return pages > 0 && size > 0 ? (double)pages * (double)size : 0.0;
+}
+
+/* Ranks started on rank 0's host (the launchers say how many); they share its memory. */
+static double ranks_on_this_host(double p) {
+    static const char *vars[] = {"OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"};
+    for (size_t i = 0; i < sizeof vars / sizeof vars[0]; i++) {
+        const char *v = getenv(vars[i]);
+        if (v && atoi(v) > 0) return fmin((double)atoi(v), p);
+    }
+    return 1.0;
+}
+
+/* What one rank holds, at least: its tensors (q, k, v, o, lse; do and the gradients with
+ * run.backward) and the K/V its method keeps besides (the ring's two blocks in flight,
+ * all-gather's whole sequence per head group). Refused here, with the sizes, when the
+ * ranks on this host would not fit in its memory: an allocation far past it fails later
+ * with only "cannot allocate", or succeeds and brings the OOM killer. */
+static int check_memory(const spar_config *cfg, int world_size, spar_err *err) {
+    int64_t want = key_int(cfg, SPAR_KEY_PAR_RANKS),
+            groups = key_int(cfg, SPAR_KEY_PAR_HEAD_GROUPS);
+    double p = world_size > 0 ? world_size : (double)want;
+    if (p <= 0) return SPAR_OK; /* config check without parallel.ranks: not known */
+    const char *method = key_str(cfg, SPAR_KEY_PAR_METHOD);
+    const spar_method *m = spar_method_find(method);
+    double n = (double)key_int(cfg, SPAR_KEY_SEQ_LENGTH);
+    double c = m && m->whole_sequence ? n : ceil(n / p); /* this rank's tokens, at most */
+    double h = (double)key_int(cfg, SPAR_KEY_ATTN_HEADS);
+    double g = (double)key_int(cfg, SPAR_KEY_ATTN_KV_HEADS);
+    double d = (double)key_int(cfg, SPAR_KEY_ATTN_HEAD_DIM);
+    double passes = cfg->v[SPAR_KEY_RUN_BACKWARD].b ? 2.0 : 1.0;
+    double floats = c * (2 * h * d + 2 * g * d + h) * passes;
+    if (strcmp(method, "ring") == 0) floats += 2 * 2 * c * g * d;
+    if (strcmp(method, "allgather") == 0) /* 0 head groups = min(kv_heads, 4) */
+        floats += 2 * 2 * n * ceil(g / fmin(g, groups > 0 ? (double)groups : 4.0)) * d * passes;
+    double need = 4.0 * floats, local = ranks_on_this_host(p), host = spar__host_memory_bytes();
+    if (host <= 0 || need * local <= host) return SPAR_OK;
+    return spar__err_set(err, SPAR_EINVAL,
+                         "sequence.length=%lld: each of the %.0f rank(s) on this host would hold "
+                         "at least %.3g GiB (%.0f tokens x %lld heads x head_dim %lld, method "
+                         "%s) but this host has %.3g GiB of memory (allowed: a shorter sequence, "
+                         "fewer or smaller heads, or more ranks on more hosts)",
+                         (long long)key_int(cfg, SPAR_KEY_SEQ_LENGTH), local, need / 1073741824.0,
+                         c, (long long)key_int(cfg, SPAR_KEY_ATTN_HEADS),
+                         (long long)key_int(cfg, SPAR_KEY_ATTN_HEAD_DIM), method,
+                         host / 1073741824.0);
+}
+
 /* The directory of `path` must accept a new file: try one. */
 int spar__check_writable(const char *key, const char *path, spar_err *err) {
     struct stat st;
@@ -226,6 +277,7 @@ int spar__config_validate(spar_config *cfg, int world_size, spar_err *err) {
     SPAR_TRY(check_backward(cfg, err));
     SPAR_TRY(check_ranks(cfg, world_size, err));
     SPAR_TRY(check_sizes(cfg, err));
+    SPAR_TRY(check_memory(cfg, world_size, err));
     SPAR_TRY(check_inputs(cfg, err));
     static const int outputs[] = {SPAR_KEY_OUT_O,  SPAR_KEY_OUT_LSE, SPAR_KEY_OUT_DQ,
                                   SPAR_KEY_OUT_DK, SPAR_KEY_OUT_DV,  SPAR_KEY_OUT_RESULTS};

@@ -12,6 +12,8 @@
 
 #define MAX_LENGTHS 256
 
+double spar__host_memory_bytes(void); /* validate.c: physical memory of this host */
+
 /* workload.prompt_lengths into values: their count, or -1 if the list is not up to
  * MAX_LENGTHS comma-separated integers from 1 to 2^30. */
 static int parse_lengths(const spar_config *cfg, int64_t values[MAX_LENGTHS]) {
@@ -96,12 +98,13 @@ static int check_method(spar_config *cfg, int world, spar_err *err) {
                              "key parallel.attention_ranks: %lld in a job of %lld ranks "
                              "(allowed: 1 to %lld, leaving at least one compute rank)",
                              (long long)k, (long long)p, (long long)(p - 1));
+    const char *prefill = cfg->v[SPAR_KEY_PAR_PREFILL].s;
+    if (strcmp(prefill, "local") != 0 && strcmp(method, "offload") != 0)
+        return spar__err_set(err, SPAR_EINVAL,
+                             "key parallel.prefill: '%s' with parallel.method=%s (allowed: local; "
+                             "prompts are shared between compute ranks only with offload)",
+                             prefill, method);
     return SPAR_OK;
-}
-
-static double host_bytes(void) {
-    long pages = sysconf(_SC_PHYS_PAGES), size = sysconf(_SC_PAGE_SIZE);
-    return pages > 0 && size > 0 ? (double)pages * (double)size : 0.0;
 }
 
 /* The weights on a compute rank and the KV cache on an attention rank (or both on the
@@ -120,7 +123,7 @@ static int check_memory(const spar_config *cfg, spar_err *err) {
         4.0 * (2 * V * D + D + L * (2 * D + 2 * D * H * d + 2 * D * G * d + 3 * D * F));
     double cache = 4.0 * 2 * B * (longest + (double)cfg->v[SPAR_KEY_WORK_GENERATE].i) * L * G * d;
     bool offload = strcmp(cfg->v[SPAR_KEY_PAR_METHOD].s, "offload") == 0;
-    double k = (double)cfg->v[SPAR_KEY_PAR_ATTN_RANKS].i, host = host_bytes();
+    double k = (double)cfg->v[SPAR_KEY_PAR_ATTN_RANKS].i, host = spar__host_memory_bytes();
     double need = offload ? fmax(weights, cache / k) : weights + cache;
     if (host <= 0 || need <= host) return SPAR_OK;
     return spar__err_set(

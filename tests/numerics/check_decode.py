@@ -142,11 +142,15 @@ def check_reference(pb):
     return tokens, logits
 
 
-def check_offload(pb, local, np_ranks, k, micro):
-    tokens, logits, rec = run(pb, np_ranks, f"off{np_ranks}-{k}-{micro}",
-                              {"parallel.method": "offload", "parallel.attention_ranks": k,
-                               "parallel.micro_batches": micro})
-    label = f"offload np={np_ranks} K={k} split={rec['split']} micro={micro}"
+def check_offload(pb, local, np_ranks, k, micro, extra=None):
+    extra = extra or {}
+    tag = f"off{np_ranks}-{k}-{micro}" + "".join(f"-{v}" for v in extra.values())
+    sets = {"parallel.method": "offload", "parallel.attention_ranks": k,
+            "parallel.micro_batches": micro}
+    sets.update(extra)
+    tokens, logits, rec = run(pb, np_ranks, tag, sets)
+    label = f"offload np={np_ranks} K={k} split={rec['split']} micro={micro}" + \
+        "".join(f" {key}={v}" for key, v in extra.items())
     same = tokens == local[0]
     assert same.all(), f"{label}: tokens differ from local decode at {np.argwhere(~same)[:5]}"
     err = rel_l2(logits.astype(np.float64), local[1].astype(np.float64))
@@ -162,8 +166,8 @@ def check_corrupt_header(pb, np_ranks):
     sets.update({"parallel.method": "offload", "parallel.attention_ranks": 1,
                  "workload.generate": 8})
     os.environ["SPAR_TEST_FAULT"] = "header:3"
-    try:
-        proc = run_spar(np_ranks, sets, pb["dir"], expect_rc=1)
+    try:  # a message that fails its checks is malformed input: exit 2, like a bad file
+        proc = run_spar(np_ranks, sets, pb["dir"], expect_rc=2)
     finally:
         del os.environ["SPAR_TEST_FAULT"]
     text = proc.stdout + proc.stderr
@@ -236,11 +240,16 @@ def main():
         if args.np >= 3:
             check_offload(mha, local["mha"], 3, 2, 2)   # heads: 2 kv heads each
             check_offload(gqa, local["gqa"], 3, 2, 1)   # heads: 1 kv head each
+            # prompts prefilled by both compute ranks together (the 3-token one alone)
+            check_offload(gqa, local["gqa"], 3, 1, 2, {"parallel.prefill": "ring"})
         if args.np >= 4:
             check_offload(mha, local["mha"], 4, 3, 2)   # positions: 3 does not divide 4
             check_offload(gqa, local["gqa"], 4, 3, 2)   # positions, GQA
             check_offload(mha, local["mha"], 4, 2, 2)   # two compute ranks, heads
             check_offload(gqa, local["gqa"], 4, 1, 1)   # three compute ranks
+            check_offload(mha, local["mha"], 4, 1, 2, {"parallel.prefill": "allgather"})
+            check_offload(gqa, local["gqa"], 4, 2, 1, {"parallel.prefill": "ring",
+                                                       "sequence.partition": "contiguous"})
 
 
 if __name__ == "__main__":
