@@ -21,7 +21,12 @@
 
 #include "model.h"
 
-enum { SPAR__TAG_HEADER = 7200, SPAR__TAG_PREFILL = 7201, SPAR__OFFLOAD_VERSION = 1 };
+enum {
+    SPAR__TAG_HEADER = 7200,
+    SPAR__TAG_PREFILL = 7201,
+    SPAR__TAG_PREFILL_LOGITS = 7202, /* shared prefill: last position's logits to the owner */
+    SPAR__OFFLOAD_VERSION = 1
+};
 
 typedef struct spar__split {
     int compute, K;        /* compute ranks C, attention ranks K */
@@ -68,6 +73,27 @@ int spar__header_recv(spar_comm *comm, int src, int max_count, double timeout, s
 /* The same for a message already received: len bytes from rank src. */
 int spar__header_decode(const void *buf, size_t len, int src, int max_count, spar__header *h);
 void spar__header_free(spar__header *h);
+
+/* A prompt prefilled by all compute ranks (offload_prefill.c): comm is the compute ranks'
+ * communicator, method a softmax method that is not whole_sequence, kind the split of
+ * each prompt over them. */
+typedef struct spar__prefill_plan {
+    spar_comm *comm;
+    const spar_method *method;
+    enum spar_partition_kind kind;
+    double timeout;
+} spar__prefill_plan;
+
+/* Called on the owner with one layer's K/V of the whole prompt: k, v [len, G d] in
+ * position order. */
+typedef int (*spar__kv_sink)(void *ctx, int layer, const float *k, const float *v, int64_t len);
+
+/* Collective over plan->comm: tokens [len] (len >= 2 x ranks) through the model; the
+ * owner's sink gets each layer's K/V and the owner gets logits [vocab] of the last
+ * position. */
+int spar__prefill_shared(const spar__prefill_plan *plan, const spar_model *m,
+                         const int32_t *tokens, int64_t len, int owner, spar__kv_sink sink,
+                         void *sink_ctx, float *logits);
 
 /* The attention side of spar_generate_offload. */
 int spar__offload_serve(spar_comm *comm, const spar_model *m, const spar_requests *r,

@@ -33,6 +33,7 @@ typedef struct compute {
     spar_generation *out;
     uint64_t header_bytes;
     int lie_at; /* test hook SPAR_TEST_FAULT=header:STEP: that step's headers lie; else -1 */
+    spar__prefill_plan plan; /* plan.method NULL: each rank prefills its own prompts */
 } compute;
 
 static int request_of(const compute *w, int i) {
@@ -98,39 +99,79 @@ static void share_rows(const compute *w, int a, const float *x, int64_t len, flo
             memcpy(out + n++ * part, x + p * row + col, sizeof(float) * (size_t)part);
 }
 
-/* Request b's prompt through the model; its K/V sent; first token and logits kept. */
+/* One layer's K/V of a whole prompt (k, v [len, G d]), each attention rank's share. */
+static int send_prompt_kv(void *ctx, int layer, const float *k, const float *v, int64_t len) {
+    compute *w = ctx;
+    (void)layer; /* the layers go in order: the attention rank counts them */
+    int64_t part = spar__kv_floats(&w->sp);
+    float *buf = malloc(sizeof(float) * (size_t)(2 * len * part + 1));
+    int rc = buf ? SPAR_OK : SPAR_ENOMEM;
+    for (int a = 0; a < w->sp.K && rc == 0; a++) {
+        int64_t rows = spar__prompt_rows(&w->sp, a, len);
+        share_rows(w, a, k, len, buf);
+        share_rows(w, a, v, len, buf + rows * part);
+        rc = spar_comm_send_for(w->comm, buf, sizeof(float) * (size_t)(2 * rows * part),
+                                w->sp.compute + a, SPAR__TAG_PREFILL, w->sp.timeout,
+                                "a prompt's K/V to be taken");
+    }
+    free(buf);
+    return rc;
+}
+
+/* The first token of owned request i from its prompt's last logits (kept too). */
+static void first_token(compute *w, int i, const float *last) {
+    int64_t V = w->m->dims.vocab;
+    float *mine = w->logits + (int64_t)i * V;
+    if (mine != last) memcpy(mine, last, sizeof(float) * (size_t)V);
+    w->tokens[(int64_t)i * w->r->generate] = (int32_t)spar_argmax(V, mine);
+}
+
+/* Request b's prompt through the model on this rank alone; its K/V sent. */
 static int prefill(compute *w, int i) {
     const spar_model *m = w->m;
     int b = request_of(w, i);
-    int64_t len = w->r->prompt_len[b], part = spar__kv_floats(&w->sp);
+    int64_t len = w->r->prompt_len[b];
     spar__rows s;
-    float *buf = malloc(sizeof(float) * (size_t)(2 * len * part + 1));
     float *logits = malloc(sizeof(float) * (size_t)(len * m->dims.vocab));
-    int rc = buf && logits ? spar__rows_alloc(&s, &m->dims, len) : SPAR_ENOMEM;
+    int rc = logits ? spar__rows_alloc(&s, &m->dims, len) : SPAR_ENOMEM;
     for (int64_t p = 0; rc == 0 && p < len; p++)
         s.pos[p] = p;
     if (rc == 0) spar__embed(m, len, w->r->prompt[b], s.x);
     for (int l = 0; rc == 0 && l < m->dims.layers; l++) {
         spar__pre_attention(m, l, &s);
-        for (int a = 0; a < w->sp.K && rc == 0; a++) {
-            int64_t rows = spar__prompt_rows(&w->sp, a, len);
-            share_rows(w, a, s.k, len, buf);
-            share_rows(w, a, s.v, len, buf + rows * part);
-            rc = spar_comm_send_for(w->comm, buf, sizeof(float) * (size_t)(2 * rows * part),
-                                    w->sp.compute + a, SPAR__TAG_PREFILL, w->sp.timeout,
-                                    "a prompt's K/V to be taken");
-        }
+        rc = send_prompt_kv(w, l, s.k, s.v, len);
         if (rc == 0) rc = spar__attend_prompt(m, &s);
         if (rc == 0) spar__post_attention(m, l, &s);
     }
     if (rc == 0) {
         spar__logits(m, &s, logits);
-        float *mine = w->logits + (int64_t)i * m->dims.vocab;
-        memcpy(mine, logits + (len - 1) * m->dims.vocab, sizeof(float) * (size_t)m->dims.vocab);
-        w->tokens[(int64_t)i * w->r->generate] = (int32_t)spar_argmax(m->dims.vocab, mine);
+        first_token(w, i, logits + (len - 1) * m->dims.vocab);
     }
-    if (buf && logits) spar__rows_free(&s);
-    free(buf), free(logits);
+    if (logits) spar__rows_free(&s);
+    free(logits);
+    return rc;
+}
+
+/* Every prompt by all compute ranks together, in the order the attention ranks take
+ * them (owner by owner); a prompt too short to split goes to its owner alone. */
+static int prefill_shared(compute *w) {
+    int C = w->sp.compute;
+    float *scratch = malloc(sizeof(float) * (size_t)w->m->dims.vocab);
+    int rc = scratch ? SPAR_OK : SPAR_ENOMEM;
+    for (int owner = 0; owner < C && rc == 0; owner++)
+        for (int i = 0; i < spar__owned(w->r->count, C, owner) && rc == 0; i++) {
+            int b = owner + i * C;
+            int64_t len = w->r->prompt_len[b];
+            if (len < 2 * C) {
+                if (owner == w->c) rc = prefill(w, i);
+                continue;
+            }
+            float *last = owner == w->c ? w->logits + (int64_t)i * w->m->dims.vocab : scratch;
+            rc = spar__prefill_shared(&w->plan, w->m, w->r->prompt[b], len, owner,
+                                      send_prompt_kv, w, last);
+            if (rc == 0 && owner == w->c) first_token(w, i, last);
+        }
+    free(scratch);
     return rc;
 }
 
@@ -255,8 +296,11 @@ static int run_compute(compute *w) {
     double t0 = spar_comm_wtime();
     for (int mi = 0; mi < w->M; mi++) /* admission: headers, then the prompts' K/V */
         SPAR_TRY(send_headers(w, &w->mb[mi], mi, 0, false));
-    for (int i = 0; i < w->owned; i++)
-        SPAR_TRY(prefill(w, i));
+    if (w->plan.method)
+        SPAR_TRY(prefill_shared(w));
+    else
+        for (int i = 0; i < w->owned; i++)
+            SPAR_TRY(prefill(w, i));
     w->out->prefill_seconds = spar_comm_wtime() - t0;
     int most = 1;
     for (int mi = 0; mi < w->M; mi++)
@@ -281,8 +325,10 @@ static int run_compute(compute *w) {
 }
 
 static int compute_side(spar_comm *comm, const spar_model *m, const spar_requests *r,
-                        const spar__split *sp, int micro_batches, spar_generation *out) {
-    compute w = {.comm = comm, .m = m, .r = r, .sp = *sp, .c = spar_comm_rank(comm), .out = out};
+                        const spar__split *sp, int micro_batches, const spar__prefill_plan *plan,
+                        spar_generation *out) {
+    compute w = {.comm = comm, .m = m, .r = r, .sp = *sp, .c = spar_comm_rank(comm), .out = out,
+                 .plan = *plan};
     const char *fault = getenv("SPAR_TEST_FAULT");
     w.lie_at = fault && strncmp(fault, "header:", 7) == 0 ? atoi(fault + 7) : -1;
     w.owned = spar__owned(r->count, sp->compute, w.c);
@@ -311,6 +357,14 @@ int spar_generate_offload(spar_comm *comm, const spar_model *m, const spar_reque
     spar__split sp = spar__split_of(&m->dims, world, K);
     sp.timeout = cfg->timeout;
     int micro = cfg->micro_batches > 0 ? cfg->micro_batches : 1;
-    if (spar_comm_rank(comm) < sp.compute) return compute_side(comm, m, r, &sp, micro, out);
-    return spar__offload_serve(comm, m, r, &sp, micro, out);
+    bool computes = spar_comm_rank(comm) < sp.compute;
+    spar__prefill_plan plan = {.method = cfg->prefill,
+                               .kind = cfg->prefill_partition,
+                               .timeout = cfg->timeout};
+    /* shared prefill: a communicator of the compute ranks (collective over the world) */
+    if (plan.method) SPAR_TRY(spar_comm_split(comm, computes ? 0 : 1, &plan.comm));
+    int rc = computes ? compute_side(comm, m, r, &sp, micro, &plan, out)
+                      : spar__offload_serve(comm, m, r, &sp, micro, out);
+    if (plan.comm) spar_comm_free(plan.comm);
+    return rc;
 }

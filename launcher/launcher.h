@@ -56,6 +56,10 @@ enum spar_key_type { SPAR_KT_BOOL, SPAR_KT_INT, SPAR_KT_FLOAT, SPAR_KT_ENUM, SPA
     X(PAR_MICRO_BATCHES, "parallel.micro_batches", INT, "2", "integer >= 1", 1, 1 << 20,           \
       "offload: micro-batches per compute rank, alternating so that dense layers and attention "   \
       "overlap")                                                                                   \
+    X(PAR_PREFILL, "parallel.prefill", ENUM, "local", "local|ring|allgather", 0, 0,                \
+      "offload: local = each prompt prefilled by the compute rank that serves it; ring or "        \
+      "allgather = every compute rank takes a share of each prompt (split as sequence.partition, " \
+      "auto = zigzag) and attention runs by that method")                                          \
     X(PAR_HEAD_GROUPS, "parallel.head_groups", INT, "0", "integer >= 0; 0 = min(kv_heads, 4)", 0,  \
       65536, "allgather: kv-head groups; group g+1 is gathered while group g computes")            \
     X(PAR_RANKS, "parallel.ranks", INT, "0", "integer >= 0", 0, 1 << 24,                           \
