@@ -3,8 +3,12 @@
 # test_slurm.sh: spar under a real one-node Slurm (cluster.sh starts munged, slurmctld
 # and slurmd): `spar submit` with the srun (PMIx) and mpirun templates, results that
 # carry the job's Slurm facts, scancel in the middle of a sweep leaving whole records
-# and an "interrupted" one, and the clear error for tasks that MPI cannot join.
-# Root only; skipped (77) with the reason when Slurm cannot start here.
+# and an "interrupted" one, and the clear error for tasks that MPI cannot join. Last, on
+# a two-node cluster (`cluster.sh up --nodes 2`: the second slurmd in a network
+# namespace), a heterogeneous offloaded-generation job from `spar submit
+# --attention-partition` runs with its components on different nodes and generates the
+# tokens of a local run; that case is skipped, with the reason, where the second node
+# cannot be made. Root only; skipped (77) with the reason when Slurm cannot start here.
 set -u
 here="$(cd "$(dirname "$0")" && pwd)"
 # shellcheck source=../cli/lib.sh
@@ -157,8 +161,76 @@ EOF
     grep -q '^#SBATCH hetjob$' "$OUT" && grep -q '^#SBATCH --partition=memory$' "$OUT" &&
         grep -q '^#SBATCH --ntasks=2$' "$OUT" && grep -q '^exec srun --mpi=pmix --het-group=0,1 ' "$OUT" ||
         { show_output; fail "not a heterogeneous script"; }
-    # Submitting it is left out: on this one-node cluster Slurm 22.05 keeps such a job
-    # pending (reason "Resources") although the node has room for both components.
+    # It is submitted in t_hetjob_two_nodes: on this one-node cluster Slurm 22.05 keeps
+    # such a job pending (reason "Resources") although the node has room for both
+    # components (backfill, the only scheduler that starts heterogeneous jobs, plans
+    # component 0 on the node and then will not place component 1 on a planned node).
+}
+
+# The offloaded generation of the heterogeneous job, and the same model decoded locally.
+write_het_experiment() {
+    cat >"$TMP/het.yaml" <<'EOF'
+run:
+  mode: generate
+attention:
+  heads: 4
+  kv_heads: 2
+  head_dim: 8
+model:
+  layers: 2
+  vocab: 50
+parallel:
+  method: offload
+  ranks: 3
+  attention_ranks: 2
+workload:
+  batch: 3
+  prompt_lengths: 5,9
+  generate: 16
+EOF
+}
+
+check_het_record() { # results-file job-id offload-tokens local-tokens
+    "$PYTHON3" - "$@" <<'EOF' || fail "the heterogeneous job's record or tokens are wrong"
+import json, sys
+import numpy as np
+path, job, het_tokens, local_tokens = sys.argv[1:]
+recs = [json.loads(l) for l in open(path)]
+assert len(recs) == 1, recs
+r = recs[0]
+assert r["record"] == "generate" and r["settings"]["parallel.method"] == "offload", r
+assert (r["ranks"], r["compute_ranks"], r["attention_ranks"]) == (3, 1, 2), r
+s = r["slurm"]
+assert s and s["job_id"] == job and s["ntasks"] == "3" and s["tasks_per_node"] == "1,2", s
+assert s["nodelist"] == "spar-n[1-2]" and s["step_id"] == "0", s
+got, want = np.load(het_tokens), np.load(local_tokens)
+assert got.shape == want.shape == (3, 16), (got.shape, want.shape)
+assert (got == want).all(), f"tokens differ at {np.argwhere(got != want)[:5].tolist()}"
+EOF
+}
+
+t_hetjob_two_nodes() {
+    local id states rc=0 log
+    bash "$here/cluster.sh" up --cpus 8 --nodes 2 >"$OUT" 2>&1 || rc=$?
+    if [ "$rc" -eq 77 ]; then
+        echo "skip: no two-node cluster here: $(grep -m1 'cannot:' "$OUT" | sed 's/.*cannot: //')" >&2
+        return 0
+    fi
+    [ "$rc" -eq 0 ] || { LAST_COMMAND="cluster.sh up --nodes 2"; show_output; fail "exit $rc"; }
+    write_het_experiment
+    id=$(submit "$TMP/het.yaml" --attention-partition memory --set output.results="$WORK/het.jsonl" \
+        --set output.tokens="$WORK/het-tokens.npy") || exit 1
+    wait_job "$id" 60 >/dev/null
+    log="$WORK/spar-het-$id.out"
+    states=$(scontrol show job "$id" | grep -Eo 'JobState=[A-Z_]+' | sort -u | tr '\n' ' ')
+    [ "$states" = "JobState=COMPLETED " ] || { cat "$log" >&2; fail "job $id ended: $states"; }
+    grep -q "^# job $id (het): compute spar-n1, attention spar-n2\$" "$log" ||
+        { cat "$log" >&2; fail "the log does not name both components' nodes"; }
+    LAST_COMMAND="$MPIEXEC -np 1 spar run het.yaml --set parallel.method=local"
+    timeout 60 "$MPIEXEC" -np 1 --oversubscribe "$SPAR" run "$TMP/het.yaml" \
+        --set parallel.method=local --set parallel.ranks=1 --set output.tokens="$WORK/local-tokens.npy" \
+        --set output.results="$WORK/local.jsonl" >"$OUT" 2>&1 || { show_output; fail "the local run failed"; }
+    check_het_record "$WORK/het.jsonl" "$id" "$WORK/het-tokens.npy" "$WORK/local-tokens.npy"
 }
 
 t_srun_without_pmi() {
@@ -188,4 +260,7 @@ case_run "scancel mid-sweep: whole records and one interrupted record" t_scancel
 case_run "spar submit --attention-partition: a heterogeneous offload script" t_submit_hetjob
 case_run "srun --mpi=none: a clear error from every task" t_srun_without_pmi
 case_run "MPI world smaller than the srun step: a clear error" t_world_mismatch
+# last: it replaces the one-node cluster by a two-node one
+case_run "spar submit --attention-partition on two nodes: the hetjob runs, local tokens" \
+    t_hetjob_two_nodes
 finish
