@@ -58,6 +58,7 @@ static int write_npy(const char *path, const char *descr, int ndim, const int64_
 /* What every rank measured, gathered on rank 0. */
 typedef struct figures {
     double decode_bytes, header_bytes, idle_seconds, kv_read, kv_held, attend_seconds, triad_gbs;
+    char host[64]; /* for the record's hosts, in rank order */
 } figures;
 
 static int cmp_double(const void *a, const void *b) {
@@ -112,6 +113,8 @@ static void report(const spar_config *cfg, spar_comm *comm, const spar_generatio
     const char *path = cfg->v[SPAR_KEY_OUT_RESULTS].s;
     if (!*path) return;
     char *buf = NULL, *hosts = calloc((size_t)P, 64);
+    for (int r = 0; hosts && r < P; r++)
+        memcpy(hosts + 64 * r, all[r].host, 64);
     size_t len = 0;
     FILE *f = hosts ? open_memstream(&buf, &len) : NULL;
     if (!f) {
@@ -144,7 +147,7 @@ static void report(const spar_config *cfg, spar_comm *comm, const spar_generatio
         spar__json_number(f, fields[i].value);
     }
     fputc(',', f);
-    spar__json_common(f, cfg, 0, hosts, spar_comm_library(comm), spar_comm_transport(comm));
+    spar__json_common(f, cfg, P, hosts, spar_comm_library(comm), spar_comm_transport(comm));
     fputs("}\n", f);
     fclose(f);
     spar__append_line(path, buf, len);
@@ -205,7 +208,8 @@ int spar__generate_plan(spar_comm *comm, const spar_config *cfg) {
         }
         figures mine = {
             (double)g.decode_bytes, (double)g.header_bytes, g.idle_seconds, g.kv_bytes_read,
-            g.kv_bytes_held,        g.attend_seconds,       g.triad_gbs};
+            g.kv_bytes_held,        g.attend_seconds,       g.triad_gbs, ""};
+        snprintf(mine.host, sizeof mine.host, "%s", spar_comm_host(comm));
         figures *all = calloc((size_t)P, sizeof *all);
         rc = all ? spar_comm_gather(comm, &mine, sizeof mine, all, 0) : SPAR_ENOMEM;
         if (rc == 0 && rank == 0) {

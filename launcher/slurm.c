@@ -55,6 +55,25 @@ static void json_field(FILE *f, const char *key, const char *env, bool first) {
         fputs("null", f);
 }
 
+/* The partition, or for a heterogeneous job each component's, joined by commas in
+ * component order ("debug,memory"). */
+static void json_partitions(FILE *f) {
+    const char *size = getenv("SLURM_HET_SIZE");
+    int n = size ? atoi(size) : 0;
+    if (n < 2 || n > 64) {
+        json_field(f, "partition", "SLURM_JOB_PARTITION", false);
+        return;
+    }
+    char all[1024] = "", key[64];
+    for (int i = 0; i < n; i++) {
+        snprintf(key, sizeof key, "SLURM_JOB_PARTITION_HET_GROUP_%d", i);
+        size_t at = strlen(all);
+        snprintf(all + at, sizeof all - at, "%s%s", i ? "," : "", env_or(key, "?"));
+    }
+    fputs(",\"partition\":", f);
+    spar__json_string(f, all);
+}
+
 void spar__json_slurm(FILE *f) {
     fputs(",\"slurm\":", f);
     if (!getenv("SLURM_JOB_ID")) {
@@ -69,6 +88,6 @@ void spar__json_slurm(FILE *f) {
     json_field(f, "ntasks", "SLURM_NTASKS", false);
     json_field(f, "tasks_per_node", "SLURM_TASKS_PER_NODE", false);
     json_field(f, "cpus_per_task", "SLURM_CPUS_PER_TASK", false);
-    json_field(f, "partition", "SLURM_JOB_PARTITION", false);
+    json_partitions(f);
     fputc('}', f);
 }

@@ -203,6 +203,9 @@ assert (r["ranks"], r["compute_ranks"], r["attention_ranks"]) == (3, 1, 2), r
 s = r["slurm"]
 assert s and s["job_id"] == job and s["ntasks"] == "3" and s["tasks_per_node"] == "1,2", s
 assert s["nodelist"] == "spar-n[1-2]" and s["step_id"] == "0", s
+assert s["partition"] == "debug,memory", s  # each component's partition, in order
+h = r["hosts"]  # rank order; node 1 is this machine under its own host name
+assert len(h) == 3 and h[1] == h[2] == "spar-n2" and h[0] != "spar-n2", h
 got, want = np.load(het_tokens), np.load(local_tokens)
 assert got.shape == want.shape == (3, 16), (got.shape, want.shape)
 assert (got == want).all(), f"tokens differ at {np.argwhere(got != want)[:5].tolist()}"
