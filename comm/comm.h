@@ -5,8 +5,12 @@
  * exchange (send to rank+1, receive from rank-1) and nonblocking all-gather and
  * reduce-scatter that the engine posts before it computes; small collectives for
  * agreeing on errors and gathering figures; point-to-point sends for tensor I/O and
- * control messages of unknown size; waits that give up after a timeout, naming the peer;
- * communicators split by role; per-rank byte counters.
+ * control messages of unknown size; communicators split by role; per-rank byte counters.
+ * Every wait gives up after the communicator's timeout (spar_comm_set_timeout: the
+ * launcher's comm.timeout), naming the peer it waited for (rank and host) or, for a
+ * collective, the operation that some rank did not join: a stopped, hung or cut-off
+ * peer ends the job instead of hanging it. (Open MPI itself ends the job when a rank
+ * dies.)
  * Sizes: point-to-point messages above 1 GiB travel in pieces (up to 32 GiB per
  * operation); a collective takes up to 2^31-1 floats per call (the engine splits its
  * collectives by head group).
@@ -50,6 +54,16 @@ const char *spar_comm_library(const spar_comm *comm);
 /* Seconds since an arbitrary start, the same clock on every call. */
 double spar_comm_wtime(void);
 
+/* How long any wait of this communicator lasts before it returns SPAR_ECOMM with an error
+ * naming whom it waited for (seconds; 0 = no limit, the start value). Set once the
+ * configuration is known; a split inherits the value of its parent at the time. */
+void spar_comm_set_timeout(spar_comm *comm, double seconds);
+double spar_comm_timeout(const spar_comm *comm);
+
+/* True once a wait has given up: the job should end with spar_comm_abort, since
+ * MPI_Finalize (spar_comm_free) could wait for ever for the peer that failed. */
+int spar_comm_failed(const spar_comm *comm);
+
 /* Bytes this rank has sent since init: point-to-point and ring traffic as sent, and for
  * collectives the algorithmic volume a rank must send at least (all-gather: its block to
  * each of the P-1 others; reduce-scatter: every block but its own). The engine reads it
@@ -78,7 +92,8 @@ int spar_comm_split(spar_comm *comm, int color, spar_comm **out);
  * and holds *bytes bytes. */
 int spar_comm_recv_message(spar_comm *comm, int src, int tag, void **buf, size_t *bytes);
 
-/* Blocking point-to-point, for moving tensors between rank 0 and the others. */
+/* Blocking point-to-point, for moving tensors between rank 0 and the others. These and
+ * the collectives above wait at most the communicator's timeout. */
 int spar_comm_send(spar_comm *comm, const void *buf, size_t bytes, int dest, int tag);
 int spar_comm_recv(spar_comm *comm, void *buf, size_t bytes, int src, int tag);
 
@@ -110,9 +125,11 @@ int spar_comm_reduce_scatter_start(spar_comm *comm, const float *send, float *re
 int spar_comm_op_test(spar_comm *comm, spar_comm_op *op, int *done);
 
 /* Waits that give up: after `seconds` (> 0; 0 = no limit) without completion they return
- * SPAR_ECOMM with an error naming the peer and `what` was awaited (the operation stays
- * posted: the caller is expected to end the job). For peers that may stop answering, such
- * as the attention ranks of offloaded decode. */
+ * SPAR_ECOMM with an error naming the peer (its rank in the job and host) and `what` was
+ * awaited (the operation stays posted: the caller is expected to end the job). An
+ * operation knows its own peers (a ring exchange: the receive from rank-1 first, then
+ * the send to rank+1); `peer` (a rank of comm, or -1) stands in where it has none (a
+ * collective). `what` NULL: the operation's own name. */
 int spar_comm_op_wait_for(spar_comm *comm, spar_comm_op **op, double seconds, int peer,
                           const char *what);
 int spar_comm_recv_for(spar_comm *comm, void *buf, size_t bytes, int src, int tag, double seconds,
@@ -121,6 +138,7 @@ int spar_comm_send_for(spar_comm *comm, const void *buf, size_t bytes, int dest,
                        double seconds, const char *what);
 /* Until a message from src with tag is there to receive (then spar_comm_recv_message). */
 int spar_comm_probe_for(spar_comm *comm, int src, int tag, double seconds, const char *what);
+/* The same with the communicator's timeout. */
 int spar_comm_op_wait(spar_comm *comm, spar_comm_op **op);
 
 #endif

@@ -112,6 +112,10 @@ static void unpack_group(const gather *ga, int first, int gh, const float *packe
     }
 }
 
+/* What the waits await, for the error of one that gives up. */
+#define GATHER_WHAT "the all-gather of a head group's K/V (MPI_Iallgatherv)"
+#define REDUCE_WHAT "the reduce-scatter of a head group's dK/dV (MPI_Ireduce_scatter)"
+
 static int start_gather(gather *ga, int gi, spar_comm_op **op) {
     int first, gh;
     group_heads(ga, gi, &first, &gh);
@@ -158,7 +162,7 @@ static int compute_group(gather *ga, spar__pass *pass, int gi) {
 /* Backward, after group gi computed: finish group gi-1's sums, then send group gi's. */
 static int reduce_group(gather *ga, int gi, spar_comm_op **reduce_op, int *prev_first, int *prev_gh,
                         spar_metrics *m) {
-    SPAR_TRY(spar__wait_timed(ga->comm, reduce_op, m));
+    SPAR_TRY(spar__wait_timed(ga->comm, reduce_op, REDUCE_WHAT, m));
     if (gi > 0)
         unpack_group(ga, *prev_first, *prev_gh, ga->mine[(gi - 1) & 1], ga->io->dk, ga->io->dv);
     set_counts(ga, gi);
@@ -178,7 +182,7 @@ static int run_groups(gather *ga, spar__pass *pass, spar_metrics *m) {
     SPAR_TRY(start_gather(ga, 0, &gather_op));
     int prev_first = 0, prev_gh = 0;
     for (int gi = 0; gi < ga->ngroups; gi++) {
-        SPAR_TRY(spar__wait_timed(ga->comm, &gather_op, m));
+        SPAR_TRY(spar__wait_timed(ga->comm, &gather_op, GATHER_WHAT, m));
         if (gi + 1 < ga->ngroups) SPAR_TRY(start_gather(ga, gi + 1, &gather_op));
         SPAR_TRY(compute_group(ga, pass, gi));
         if (pass->backward) SPAR_TRY(reduce_group(ga, gi, &reduce_op, &prev_first, &prev_gh, m));
@@ -189,7 +193,7 @@ static int run_groups(gather *ga, spar__pass *pass, spar_metrics *m) {
                                gi + 1, ga->ngroups);
     }
     if (pass->backward) {
-        SPAR_TRY(spar__wait_timed(ga->comm, &reduce_op, m));
+        SPAR_TRY(spar__wait_timed(ga->comm, &reduce_op, REDUCE_WHAT, m));
         unpack_group(ga, prev_first, prev_gh, ga->mine[(ga->ngroups - 1) & 1], ga->io->dk,
                      ga->io->dv);
     }

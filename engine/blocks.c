@@ -78,9 +78,9 @@ void spar__metrics_finish(spar_metrics *m, const spar__pass *pass, spar_comm *co
     m->steps = steps;
 }
 
-int spar__wait_timed(spar_comm *comm, spar_comm_op **op, spar_metrics *m) {
+int spar__wait_timed(spar_comm *comm, spar_comm_op **op, const char *what, spar_metrics *m) {
     double t0 = spar__now();
-    int rc = spar_comm_op_wait(comm, op);
+    int rc = spar_comm_op_wait_for(comm, op, spar_comm_timeout(comm), -1, what);
     m->wait_seconds += spar__now() - t0;
     return rc;
 }

@@ -64,8 +64,10 @@ double spar__now(void);
 void spar__metrics_finish(spar_metrics *m, const spar__pass *pass, spar_comm *comm, int rank,
                           double t_start, uint64_t bytes0, int steps);
 
-/* Waits for op, adding the time blocked to m->wait_seconds. */
-int spar__wait_timed(spar_comm *comm, spar_comm_op **op, spar_metrics *m);
+/* Waits for op, adding the time blocked to m->wait_seconds. Gives up after the
+ * communicator's timeout (comm.timeout) with an error naming the peer and `what` was
+ * awaited ("the K/V block of the next ring step"). */
+int spar__wait_timed(spar_comm *comm, spar_comm_op **op, const char *what, spar_metrics *m);
 
 /* The passes of each method (ring_attn.c, allgather_attn.c, local_attn.c). */
 int spar__ring_forward(spar_comm *comm, const spar_attn_problem *prob, const spar_attn_io *io,

@@ -143,7 +143,11 @@ static int lasp2_pass(chain *c, bool backward, spar_metrics *m) {
     double t0 = spar__now();
     if (rc == 0) rc = within_chunk(c, backward);
     double compute = spar__now() - t0;
-    if (rc == 0) rc = spar__wait_timed(c->comm, &op, m);
+    if (rc == 0)
+        rc = spar__wait_timed(c->comm, &op,
+                              backward ? "the all-gather of the state gradients (lasp2)"
+                                       : "the all-gather of the memory states (lasp2)",
+                              m);
     if (rc == 0) {
         combine(c, io->states, BEFORE, c->s_in); /* forward's states, kept in io->states */
         const spar_kernels *kern = c->prob->kernels;
@@ -184,7 +188,7 @@ static int rotate_sum(chain *c, float *total, spar_metrics *m) {
         size_t bytes = sizeof(float) * (size_t)c->sf;
         SPAR_TRY(spar_comm_ring_start(c->comm, CHANNEL_STATE, bufs[cur], bytes, bufs[cur ^ 1],
                                       bytes, &op));
-        SPAR_TRY(spar__wait_timed(c->comm, &op, m));
+        SPAR_TRY(spar__wait_timed(c->comm, &op, "a state rotating around the ring (lasp1)", m));
         spar_vec_add(c->sf, total, bufs[cur ^ 1]);
     }
     return SPAR_OK;
@@ -211,7 +215,10 @@ static int lasp1_chain(chain *c, bool backward, spar_metrics *m) {
     double t0 = spar__now();
     SPAR_TRY(within_chunk(c, backward));
     m->compute_seconds = spar__now() - t0;
-    SPAR_TRY(spar__wait_timed(c->comm, &op, m));
+    SPAR_TRY(spar__wait_timed(c->comm, &op,
+                              backward ? "the state gradient from the next rank (lasp1)"
+                                       : "the state from the previous rank (lasp1)",
+                              m));
     if (!backward) { /* keep S_r for the backward pass */
         memcpy(io->states, c->s_in, bytes);
         SPAR_TRY(c->prob->kernels->linear_fwd_state(&c->ld, true, c->len, io->q, c->s_in, io->o));
@@ -230,7 +237,7 @@ static int lasp1_chain(chain *c, bool backward, spar_metrics *m) {
     spar_linear_combine(&c->ld, 2, pair, exps, c->mine);
     free(pair);
     int rc = spar_comm_sendrecv_start(c->comm, CHANNEL_STATE, c->mine, bytes, to, NULL, 0, -1, &op);
-    if (rc == 0) rc = spar__wait_timed(c->comm, &op, m);
+    if (rc == 0) rc = spar__wait_timed(c->comm, &op, "the state sent down the chain (lasp1)", m);
     return rc;
 }
 

@@ -93,7 +93,7 @@ int spar__ring_forward(spar_comm *comm, const spar_attn_problem *prob, const spa
         spar_kvblock kv = {rg.held.len, NULL, (int64_t)rg.row, bufs[cur], bufs[cur] + n,
                            NULL,        NULL};
         rc = spar__pass_chunk(&pass, &rg.held, &kv);
-        int wrc = spar__wait_timed(comm, &op, &m);
+        int wrc = spar__wait_timed(comm, &op, "the K/V block of the next ring step (forward)", &m);
         rc = rc ? rc : wrc;
         if (rc == 0 && prob->progress && rg.rank == 0)
             prob->progress(prob->progress_ctx, "ring forward step", step + 1, rg.size);
@@ -135,7 +135,8 @@ static void grad_bufs_free(grad_bufs *b) {
 static int forward_gradients(ring *rg, int step, float *part, grad_bufs *b, spar_comm_op **op,
                              spar_metrics *m) {
     size_t floats = block_bytes(rg, source(rg, step)) / sizeof(float);
-    SPAR_TRY(spar__wait_timed(rg->comm, op, m)); /* the accumulator for this block */
+    /* the accumulator for this block */
+    SPAR_TRY(spar__wait_timed(rg->comm, op, "the dK/dV accumulator of a ring step (backward)", m));
     if (step > 0) spar_vec_add((int64_t)floats, part, b->acc_in);
     if (rg->size == 1) return SPAR_OK;
     return spar_comm_ring_start(rg->comm, CHANNEL_GRAD, part, floats * sizeof(float), b->acc_in,
@@ -154,12 +155,13 @@ static int ring_backward_steps(ring *rg, const spar_attn_io *io, grad_bufs *b, s
                            b->kv[cur] + n, b->part[cur], b->part[cur] + n};
         SPAR_TRY(spar__pass_chunk(pass, &rg->held, &kv));
         SPAR_TRY(forward_gradients(rg, step, b->part[cur], b, grad_op, m));
-        SPAR_TRY(spar__wait_timed(rg->comm, kv_op, m));
+        SPAR_TRY(
+            spar__wait_timed(rg->comm, kv_op, "the K/V block of the next ring step (backward)", m));
         if (prob->progress && rg->rank == 0)
             prob->progress(prob->progress_ctx, "ring backward step", step + 1, rg->size);
     }
     /* The accumulator of our own block, complete, arrives from rank-1 last. */
-    SPAR_TRY(spar_comm_op_wait(rg->comm, grad_op));
+    SPAR_TRY(spar__wait_timed(rg->comm, grad_op, "this rank's own dK/dV (ring backward)", m));
     const float *mine = rg->size == 1 ? b->part[0] : b->acc_in;
     size_t n = (size_t)rg->qc.len * rg->row;
     memcpy(io->dk, mine, n * sizeof(float));

@@ -144,9 +144,12 @@ enum spar_key_type { SPAR_KT_BOOL, SPAR_KT_INT, SPAR_KT_FLOAT, SPAR_KT_ENUM, SPA
       "for batch logs), off; auto = bar when a terminal watches, else lines")                      \
     X(RUN_QUERY_BLOCK, "run.query_block", INT, "256", "integer >= 1", 1, 1 << 30,                  \
       "queries per kernel call; the ring makes progress between calls")                            \
-    X(COMM_TIMEOUT, "comm.timeout", FLOAT, "600", "number >= 0 (seconds); 0 = no limit", 0, 1e9,   \
-      "offloaded decode: how long a rank waits for a peer before it stops the job, naming the "    \
-      "peer (a stopped or unreachable attention rank)")                                            \
+    X(COMM_TIMEOUT, "comm.timeout", FLOAT, "1800", "number >= 0 (seconds); 0 = no limit", 0, 1e9,  \
+      "how long any wait (ring step, all-gather, chain, decode exchange, end-of-run "              \
+      "collective) lasts before the job stops, naming the peer (rank and host) or the "            \
+      "collective: a stopped, hung or cut-off rank. A healthy rank can lag by a whole pass "       \
+      "(allgather, lasp2, uneven causal work) or rank 0's run.verify recomputation, so the "       \
+      "default is 30 min (PyTorch's process-group default); set a few seconds in tests")           \
     X(COMM_TRANSPORT, "comm.transport", ENUM, "auto", "auto|ucx|ob1", 0, 0,                        \
       "Open MPI PML: ucx where UCX works (auto), or ob1")
 

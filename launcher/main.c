@@ -177,6 +177,7 @@ static int broadcast_plan(spar_comm *comm, spar_config *cfg, int status) {
      * waiting in the run's first collective. */
     if (spar_comm_agree(comm, rc, &worst) != 0 && rc == 0) rc = SPAR_ECOMM;
     rc = rc ? rc : worst;
+    if (rc == 0) spar_comm_set_timeout(comm, cfg->v[SPAR_KEY_COMM_TIMEOUT].f);
     return rc;
 }
 
@@ -188,7 +189,9 @@ static spar_comm *start_mpi(const cli *c, spar_config *scratch, int *argc, char 
     if (load_config(c, scratch, &err) == 0) transport = scratch->v[SPAR_KEY_COMM_TRANSPORT].s;
     spar_comm_prepare_transport(transport);
     spar_comm *comm = NULL;
-    return spar_comm_init(&comm, argc, argv) == 0 ? comm : NULL;
+    if (spar_comm_init(&comm, argc, argv) != 0) return NULL;
+    spar_comm_set_timeout(comm, scratch->v[SPAR_KEY_COMM_TIMEOUT].f); /* until the plan's */
+    return comm;
 }
 
 static int exit_code(int status) {
@@ -295,6 +298,8 @@ static int cmd_experiment(int argc, char **argv, bool bench) {
         spar__signals_disarm();
     }
     spar__results_done_free(&done);
+    /* After a wait that gave up, MPI_Finalize could wait for ever for the lost peer. */
+    if (spar_comm_failed(comm)) spar_comm_abort(comm, code ? code : SPAR_EXIT_FAILURE);
     spar_comm_free(comm);
     free(file), free(cfg), free(c.sets);
     return code;

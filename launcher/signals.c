@@ -3,7 +3,8 @@
  * Slurm (and mpirun, which forwards it) sends SIGTERM to every task, then SIGKILL after
  * the cluster's KillWait. Waiting for a safe point between passes could outlast that,
  * and ranks stopping at different points would leave their peers blocked; so every rank
- * leaves at once with 128+signal. Nothing is left half-written: records are single
+ * leaves within a moment (0.3 s, see on_signal) with 128+signal. Nothing is left
+ * half-written: records are single
  * write()s of whole lines, and output files are renamed into place only once complete.
  *
  * So that the interrupted point shows in the results, rank 0 prepares its
@@ -15,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "launcher.h"
@@ -44,8 +46,15 @@ static void on_signal(int sig) {
     }
     if (my_rank <= 0)
         say(sig == SIGINT ? "spar: interrupted (SIGINT); every rank stops now\n"
-                          : "spar: terminated (SIGTERM: scancel or time limit?); every rank "
-                            "stops now\n");
+                          : "spar: terminated (SIGTERM: scancel, a time limit, or mpirun "
+                            "ending the job after Ctrl-C or a lost rank); every rank stops "
+                            "now\n");
+    /* The launcher signals every rank within moments. Leaving at once would let a rank
+     * that is still computing see this one vanish mid-transfer and die on a transport
+     * error instead (rank 0 then without its record): a short pause lets every rank get
+     * here first. It stays well below mpirun's SIGKILL, a second after its SIGTERM. */
+    struct timespec pause = {0, 300000000};
+    nanosleep(&pause, NULL);
     _exit(128 + sig);
 }
 
@@ -55,6 +64,8 @@ void spar__signals_install(int rank) {
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = on_signal;
     sigemptyset(&sa.sa_mask);
+    sigaddset(&sa.sa_mask, SIGTERM); /* one handler at a time: one record */
+    sigaddset(&sa.sa_mask, SIGINT);
     sigaction(SIGTERM, &sa, NULL);
     sigaction(SIGINT, &sa, NULL);
 }
