@@ -150,7 +150,7 @@ t_sigterm() { signalled TERM; }
 # Rank 1 stopped (not killed): Open MPI sees nothing wrong; comm.timeout must end it.
 t_stalled_rank() {
     local pid start took timeout=2
-    start_job 3 stall --set parallel.method=ring --set comm.timeout=$timeout
+    start_job 3 stall --set parallel.method=ring --set comm.timeout="$timeout"
     wait_mid_run
     pid=$(pid_of_rank 1) || { show_output; fail "no process for rank 1"; }
     start=$(now)
