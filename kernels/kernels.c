@@ -108,58 +108,9 @@ void openblas_set_num_threads(int num_threads); /* from OpenBLAS */
 #endif
 
 #ifdef SPAR_HAVE_CUDA
-/* The CUDA backend (kernels/cuda/): softmax forward and backward so far; the rest says
- * so. */
-int spar__cuda_softmax_fwd_block(const spar_attn_dims *dims, bool causal, const spar_qblock *q,
-                                 const spar_kvblock *kv);
-int spar__cuda_softmax_bwd_block(const spar_attn_dims *dims, bool causal, const spar_qblock *q,
-                                 const spar_kvblock *kv);
-int spar__cuda_devices(char *why, size_t len);
-int spar__cuda_use_device(int local_rank, int *device);
-
-static int cuda_missing(void) {
-    return spar_errorf(SPAR_EUNSUP, "run.device=cuda: only the softmax kernels run on the GPU "
-                                    "so far");
-}
-static int cuda_lin_local(const spar_linear_dims *d, int64_t n, const float *q, const float *k,
-                          const float *v, float *o) {
-    (void)d, (void)n, (void)q, (void)k, (void)v, (void)o;
-    return cuda_missing();
-}
-static int cuda_lin_bwd(const spar_linear_dims *d, int64_t n, const float *q, const float *k,
-                        const float *v, const float *dout, float *dq, float *dk, float *dv) {
-    (void)d, (void)n, (void)q, (void)k, (void)v, (void)dout, (void)dq, (void)dk, (void)dv;
-    return cuda_missing();
-}
-static int cuda_lin_state(const spar_linear_dims *d, bool c, int64_t n, const float *a,
-                          const float *b, float *m) {
-    (void)d, (void)c, (void)n, (void)a, (void)b, (void)m;
-    return cuda_missing();
-}
-static int cuda_lin_fwd_state(const spar_linear_dims *d, bool c, int64_t n, const float *q,
-                              const float *s, float *o) {
-    (void)d, (void)c, (void)n, (void)q, (void)s, (void)o;
-    return cuda_missing();
-}
-static int cuda_lin_bwd_state(const spar_linear_dims *d, bool c, int64_t n, const float *k,
-                              const float *v, const float *dout, const float *s, const float *dkv,
-                              float *dq, float *dk, float *dv) {
-    (void)d, (void)c, (void)n, (void)k, (void)v, (void)dout, (void)s, (void)dkv, (void)dq;
-    (void)dk, (void)dv;
-    return cuda_missing();
-}
-
-static const spar_kernels kernels_cuda = {
-    .name = "cuda",
-    .softmax_fwd_block = spar__cuda_softmax_fwd_block,
-    .softmax_bwd_block = spar__cuda_softmax_bwd_block,
-    .linear_fwd_local = cuda_lin_local,
-    .linear_bwd_local = cuda_lin_bwd,
-    .linear_state = cuda_lin_state,
-    .linear_fwd_state = cuda_lin_fwd_state,
-    .linear_dstate = cuda_lin_state,
-    .linear_bwd_state = cuda_lin_bwd_state,
-};
+/* The CUDA backend (kernels/cuda/): every member, on host tensors staged through the
+ * device (staged.c); the device-resident launchers are in cuda/cuda_kernels.h. */
+#include "cuda/cuda_kernels.h"
 #endif
 
 int spar_kernels_cuda_devices(char *why, size_t len) {
@@ -182,7 +133,7 @@ int spar_kernels_cuda_use_device(int local_rank, int *device) {
 
 const spar_kernels *spar_kernels_cuda(void) {
 #ifdef SPAR_HAVE_CUDA
-    return &kernels_cuda;
+    return &spar__kernels_cuda;
 #else
     return NULL;
 #endif

@@ -150,9 +150,10 @@ void spar_alibi_decay(int heads, double *decay);
 const spar_kernels *spar_kernels_select(const char *name);
 
 /* CUDA devices visible to this process (0, with the reason in why, when there are none
- * or the build has no CUDA), and the CUDA backend (NULL without CUDA in the build): the
- * softmax forward and backward kernels on the GPU with host staging; its linear-attention
- * members return SPAR_EUNSUP for now. */
+ * or the build has no CUDA), and the CUDA backend (NULL without CUDA in the build): every
+ * member on the GPU, host tensors staged through the device (kernels/cuda/staged.c).
+ * Launchers on device-resident fp32/bf16 tensors and the staging primitives (pinned
+ * buffers, streams, events) are declared in kernels/cuda/cuda_kernels.h. */
 int spar_kernels_cuda_devices(char *why, size_t len);
 const spar_kernels *spar_kernels_cuda(void);
 /* The device this process uses: local_rank mod the devices visible (ranks of one host

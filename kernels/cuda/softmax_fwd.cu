@@ -1,167 +1,319 @@
-// softmax_fwd.cu: softmax attention block forward on a CUDA device, behind the kernel
-// interface of kernels.h (spar_kernels.softmax_fwd_block), with host staging: the
-// block's rows are copied to the device, the kernel merges the block into the running
-// (o, lse) there, and o, lse are copied back. This is the first GPU kernel; it is built
-// wherever nvcc is found and tested against the scalar oracle where a GPU is present
-// (tests/gpu). Tensors resident on the device (run.device=cuda) come later.
+// softmax_fwd.cu: softmax attention block forward on device-resident tensors
+// (spar_cuda_softmax_fwd, cuda_kernels.h): the queries of the block attend to its keys and
+// the result is merged exactly into their running (o, lse) (DESIGN.md 3.1). One pass over
+// K/V per query tile, online softmax in the log2 domain, no N x N buffer; with causal, the
+// key tiles after the tile's last query are never loaded.
 //
-// Kernel: one thread block per (tile of 64 queries, query head); each thread owns one
-// query row, with its running max, denominator and output accumulator in registers and
-// local memory; key/value tiles of KT rows are staged through shared memory once per
-// block, so K/V are read once per query tile (no N x N buffer).
-#include <cuda_runtime.h>
-#include <math.h>
-#include <stdio.h>
-#include <string.h>
+// Two kernels:
+//   fwd_mma   bfloat16 storage, head_dim <= 128 (padded to 64 or 128): tensor cores
+//             (nvcuda::wmma 16x16x16, fp32 accumulation) for S = Q K^T and O += P V.
+//             A thread block is 4 warps and 64 queries of one head; each warp owns 16
+//             query rows; Q fragments stay in registers, K and V tiles of 64 keys are
+//             staged in shared memory, O is accumulated in fp32 in shared memory and
+//             rescaled per tile by each warp for its own rows.
+//   fwd_simt  everything else (fp32 storage, any head_dim <= 256, templated on 64, 128
+//             and 256 columns): 64 queries per block, 4 threads per query row, each
+//             owning every 4th column of q and of the output in registers; key tiles of
+//             32 rows in shared memory, scores reduced across the 4 threads by shuffles.
+#include <mma.h>
+#include <stdint.h>
 
-extern "C" {
-#include "kernels.h"
-#include "spar_status.h"
-}
+#include "cuda_common.cuh" // defines: SPAR_CUDA_CHECK, spar__load, spar__merge_lse
 
 namespace {
 
-constexpr int QT = 64;       // queries per thread block
-constexpr int KT = 16;       // keys per shared-memory tile
-constexpr int MAX_D = 256;   // largest head_dim
+constexpr float LOG2E = 1.4426950408889634f, LN2 = 0.6931471805599453f;
 
-struct Args {
+struct FwdArgs {
     int heads, kv_heads, d;
-    float scale;
-    bool causal;
-    long long nq, nk, stride_q, stride_lse, stride_kv;
-    const float *q, *k, *v;
-    const long long *qpos, *kpos;
+    float scale_log2; // softmax scale times log2(e): scores in the log2 domain
+    bool causal, vec; // vec: 16-byte loads are aligned (d, strides multiples of 8)
+    int64_t nq, nk, stride_q, stride_lse, stride_kv;
+    const void *q, *k, *v;
+    const int64_t *qpos, *kpos;
     float *o, *lse;
 };
 
-__global__ void fwd_kernel(Args a) {
-    extern __shared__ float tile[]; // [KT][d] keys, then [KT][d] values
-    float *ks = tile, *vs = tile + KT * a.d;
-    int h = blockIdx.y, g = h / (a.heads / a.kv_heads);
-    long long i = (long long)blockIdx.x * QT + threadIdx.x;
-    bool live = i < a.nq;
-    float acc[MAX_D];
-    float m = -INFINITY, l = 0.0f;
-    for (int c = 0; c < a.d; c++)
-        acc[c] = 0.0f;
-    const float *qi = a.q + (live ? i : 0) * a.stride_q + (long long)h * a.d;
-    long long qp = a.causal && live ? a.qpos[i] : 0;
-    for (long long j0 = 0; j0 < a.nk; j0 += KT) {
-        int len = a.nk - j0 < KT ? (int)(a.nk - j0) : KT;
-        __syncthreads();
-        for (int x = threadIdx.x; x < len * a.d; x += blockDim.x) {
-            long long row = j0 + x / a.d;
-            int c = x % a.d;
-            ks[x] = a.k[row * a.stride_kv + (long long)g * a.d + c];
-            vs[x] = a.v[row * a.stride_kv + (long long)g * a.d + c];
-        }
-        __syncthreads();
-        if (!live) continue;
-        for (int t = 0; t < len; t++) {
-            if (a.causal && a.kpos[j0 + t] > qp) continue;
-            float s = 0.0f;
-            for (int c = 0; c < a.d; c++)
-                s += qi[c] * ks[t * a.d + c];
-            s *= a.scale;
-            float mx = s > m ? s : m, cm = expf(m - mx), p = expf(s - mx);
-            l = l * cm + p;
-            for (int c = 0; c < a.d; c++)
-                acc[c] = acc[c] * cm + p * vs[t * a.d + c];
-            m = mx;
-        }
+// ---- fwd_simt -----------------------------------------------------------------------
+constexpr int SQ = 64, SK = 32, LANES = 4; // queries per block, keys per tile, threads/row
+
+template <typename T, int DMAX> __global__ void __launch_bounds__(SQ *LANES) fwd_simt(FwdArgs a) {
+    constexpr int PER = DMAX / LANES;
+    extern __shared__ float tile[]; // keys [SK][d], then values [SK][d]
+    __shared__ int64_t kpos_s[SK];
+    const int d = a.d, h = blockIdx.y, g = h / (a.heads / a.kv_heads);
+    const int row = threadIdx.x / LANES, sub = threadIdx.x % LANES;
+    const int64_t i0 = (int64_t)blockIdx.x * SQ, i = i0 + row;
+    const int64_t last = (i0 + SQ < a.nq ? i0 + SQ : a.nq) - 1;
+    const bool live = i < a.nq;
+    const T *q = (const T *)a.q, *k = (const T *)a.k, *v = (const T *)a.v;
+    float *ks = tile, *vs = tile + SK * d;
+    float qr[PER], acc[PER], m = -INFINITY, l = 0.0f;
+#pragma unroll
+    for (int x = 0; x < PER; x++) {
+        int c = sub + LANES * x;
+        qr[x] = live && c < d ? a.scale_log2 * spar__load(q, i * a.stride_q + (int64_t)h * d + c)
+                              : 0.0f;
+        acc[x] = 0.0f;
     }
-    if (!live || l == 0.0f) return; // no visible key: the running partial is unchanged
-    float *oi = a.o + i * a.stride_q + (long long)h * a.d;
-    float *li = a.lse + i * a.stride_lse + h;
-    float lb = m + logf(l), la = *li;
-    // exact merge with the running partial (DESIGN.md 3.1)
-    float hi = la > lb ? la : lb, lo = la > lb ? lb : la;
-    float lse = isinf(la) && la < 0 ? lb : hi + log1pf(expf(lo - hi));
-    float wa = isinf(la) && la < 0 ? 0.0f : expf(la - lse), wb = expf(lb - lse) / l;
-    for (int c = 0; c < a.d; c++)
-        oi[c] = wa * oi[c] + wb * acc[c];
-    *li = lse;
+    const int64_t qp = a.causal && live ? a.qpos[i] : 0, qlast = a.causal ? a.qpos[last] : 0;
+    for (int64_t j0 = 0; j0 < a.nk; j0 += SK) {
+        if (a.causal && a.kpos[j0] > qlast) break; // positions increase: nothing later is seen
+        const int len = a.nk - j0 < SK ? (int)(a.nk - j0) : SK;
+        __syncthreads(); // the previous tile is no longer read
+        for (int x = threadIdx.x; x < len * d; x += blockDim.x) {
+            int r = x / d, c = x - r * d;
+            int64_t src = (j0 + r) * a.stride_kv + (int64_t)g * d + c;
+            ks[x] = spar__load(k, src), vs[x] = spar__load(v, src);
+        }
+        if (a.causal && threadIdx.x < len) kpos_s[threadIdx.x] = a.kpos[j0 + threadIdx.x];
+        __syncthreads();
+        float s[SK], mt = m;
+#pragma unroll
+        for (int t = 0; t < SK; t++) {
+            float part = 0.0f;
+#pragma unroll
+            for (int x = 0; x < PER; x++) {
+                int c = sub + LANES * x;
+                if (t < len && c < d) part += qr[x] * ks[t * d + c];
+            }
+            part += __shfl_xor_sync(0xffffffffu, part, 1);
+            part += __shfl_xor_sync(0xffffffffu, part, 2);
+            bool seen = t < len && (!a.causal || kpos_s[t] <= qp);
+            s[t] = seen ? part : -INFINITY;
+            mt = fmaxf(mt, s[t]);
+        }
+        if (mt == -INFINITY) continue; // this row has seen no key yet
+        float corr = exp2f(m - mt);
+        l *= corr;
+#pragma unroll
+        for (int x = 0; x < PER; x++)
+            acc[x] *= corr;
+#pragma unroll
+        for (int t = 0; t < SK; t++) {
+            float p = exp2f(s[t] - mt);
+            l += p;
+#pragma unroll
+            for (int x = 0; x < PER; x++) {
+                int c = sub + LANES * x;
+                if (t < len && c < d) acc[x] += p * vs[t * d + c];
+            }
+        }
+        m = mt;
+    }
+    if (!live || l == 0.0f) return; // no visible key: the running partial stays as it is
+    float *orow = a.o + i * a.stride_q + (int64_t)h * d, *lp = a.lse + i * a.stride_lse + h;
+    float la = *lp, wa, wb;
+    __syncwarp(0xFu << (threadIdx.x & 28)); // the row's 4 threads have read lse
+    float lse = spar__merge_lse(la, (m + log2f(l)) * LN2, &wa, &wb);
+    wb /= l;
+#pragma unroll
+    for (int x = 0; x < PER; x++) {
+        int c = sub + LANES * x;
+        if (c < d) orow[c] = wa * orow[c] + wb * acc[x];
+    }
+    if (sub == 0) *lp = lse;
 }
 
-// Device buffers, grown as needed and kept between calls.
-struct Buffer {
-    void *p = nullptr;
-    size_t cap = 0;
+// ---- fwd_mma ------------------------------------------------------------------------
+namespace wmma = nvcuda::wmma;
+using bf16 = __nv_bfloat16;
+constexpr int MQ = 64, MK = 64, WARPS = 4; // queries per block, keys per tile, warps
+
+// Shared memory of fwd_mma, rows padded against bank conflicts. P (bf16 probabilities)
+// reuses Q's space: Q is read into fragments once, before the first key tile, so that
+// two blocks fit on an sm_90 multiprocessor (about 103 KiB each at DP = 128).
+template <int DP> struct MmaLayout {
+    static constexpr int LDH = DP + 8, LDS = MK + 4, LDP = MK + 8, LDO = DP + 4;
+    static constexpr size_t Q = 0, P = 0, K = Q + sizeof(bf16) * MQ * LDH,
+                            V = K + sizeof(bf16) * MK * LDH, S = V + sizeof(bf16) * MK * LDH,
+                            O = S + sizeof(float) * MQ * LDS, ROW = O + sizeof(float) * MQ * LDO,
+                            POS = ROW + sizeof(float) * 3 * MQ,
+                            BYTES = POS + sizeof(int64_t) * (MQ + MK);
+    static_assert(sizeof(bf16) * MQ * LDP <= K - Q, "P fits in Q's space");
 };
 
-int reserve(Buffer &b, size_t bytes) {
-    if (bytes <= b.cap) return SPAR_OK;
-    if (b.p) cudaFree(b.p);
-    b.p = nullptr, b.cap = 0;
-    if (cudaMalloc(&b.p, bytes ? bytes : 1) != cudaSuccess) return SPAR_ENOMEM;
-    b.cap = bytes;
+// Rows [row0, row0 + rows) of a bf16 tensor into a zero-padded [64][DP] tile (ld LDH).
+template <int DP>
+__device__ void load_rows(bf16 *dst, const bf16 *src, int64_t row0, int rows, int64_t stride,
+                          int64_t col0, int d, bool vec) {
+    constexpr int LDH = MmaLayout<DP>::LDH;
+    if (vec) { // 8 bf16 per 16-byte load
+        for (int x = threadIdx.x; x < 64 * DP / 8; x += blockDim.x) {
+            int r = x / (DP / 8), c = x % (DP / 8) * 8;
+            uint4 val = make_uint4(0, 0, 0, 0);
+            if (r < rows && c < d) val = *(const uint4 *)(src + (row0 + r) * stride + col0 + c);
+            *(uint4 *)(dst + r * LDH + c) = val;
+        }
+        return;
+    }
+    for (int x = threadIdx.x; x < 64 * DP; x += blockDim.x) {
+        int r = x / DP, c = x % DP;
+        dst[r * LDH + c] =
+            r < rows && c < d ? src[(row0 + r) * stride + col0 + c] : __float2bfloat16(0.0f);
+    }
+}
+
+// One warp's online-softmax step on its 16 rows of scores: masks, new maxima, P in bf16,
+// and the factor each row's output must be rescaled by (rowc).
+template <int DP> __device__ void softmax_rows(const FwdArgs &a, unsigned char *raw, int klen) {
+    using L = MmaLayout<DP>;
+    float *ss = (float *)(raw + L::S), *rowm = (float *)(raw + L::ROW);
+    float *rowl = rowm + MQ, *rowc = rowl + MQ;
+    bf16 *ps = (bf16 *)(raw + L::P);
+    const int64_t *qpos_s = (const int64_t *)(raw + L::POS), *kpos_s = qpos_s + MQ;
+    const int lane = threadIdx.x % 32, r = threadIdx.x / 32 * 16 + lane / 2, c0 = lane % 2 * 32;
+    float *srow = ss + r * L::LDS, mt = rowm[r], psum = 0.0f;
+    for (int c = c0; c < c0 + 32; c++) {
+        bool seen = c < klen && (!a.causal || kpos_s[c] <= qpos_s[r]);
+        srow[c] = seen ? srow[c] * a.scale_log2 : -INFINITY;
+        mt = fmaxf(mt, srow[c]);
+    }
+    mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, 1));
+    for (int c = c0; c < c0 + 32; c++) {
+        float p = mt == -INFINITY ? 0.0f : exp2f(srow[c] - mt);
+        psum += p;
+        ps[r * L::LDP + c] = __float2bfloat16(p);
+    }
+    psum += __shfl_xor_sync(0xffffffffu, psum, 1);
+    if (c0 == 0) {
+        float corr = mt == -INFINITY ? 1.0f : exp2f(rowm[r] - mt);
+        rowl[r] = rowl[r] * corr + psum, rowc[r] = corr;
+        if (mt != -INFINITY) rowm[r] = mt;
+    }
+}
+
+template <int DP> __global__ void __launch_bounds__(WARPS * 32) fwd_mma(FwdArgs a) {
+    using L = MmaLayout<DP>;
+    extern __shared__ __align__(128) unsigned char raw[];
+    bf16 *qs = (bf16 *)(raw + L::Q), *ks = (bf16 *)(raw + L::K), *vs = (bf16 *)(raw + L::V);
+    float *ss = (float *)(raw + L::S), *os = (float *)(raw + L::O), *rowm = (float *)(raw + L::ROW);
+    float *rowl = rowm + MQ, *rowc = rowl + MQ;
+    bf16 *ps = (bf16 *)(raw + L::P);
+    int64_t *qpos_s = (int64_t *)(raw + L::POS), *kpos_s = qpos_s + MQ;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, d = a.d;
+    const int h = blockIdx.y, g = h / (a.heads / a.kv_heads);
+    const int64_t i0 = (int64_t)blockIdx.x * MQ;
+    const int qlen = a.nq - i0 < MQ ? (int)(a.nq - i0) : MQ;
+    load_rows<DP>(qs, (const bf16 *)a.q, i0, qlen, a.stride_q, (int64_t)h * d, d, a.vec);
+    for (int x = threadIdx.x; x < MQ * DP; x += blockDim.x)
+        os[x / DP * L::LDO + x % DP] = 0.0f;
+    if (threadIdx.x < MQ) {
+        rowm[threadIdx.x] = -INFINITY, rowl[threadIdx.x] = 0.0f;
+        qpos_s[threadIdx.x] = a.causal && threadIdx.x < qlen ? a.qpos[i0 + threadIdx.x] : -1;
+    }
+    __syncthreads();
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> qf[DP / 16];
+#pragma unroll
+    for (int kt = 0; kt < DP / 16; kt++)
+        wmma::load_matrix_sync(qf[kt], qs + warp * 16 * L::LDH + kt * 16, L::LDH);
+    const int64_t qlast = a.causal ? a.qpos[i0 + qlen - 1] : 0;
+    for (int64_t j0 = 0; j0 < a.nk; j0 += MK) {
+        if (a.causal && a.kpos[j0] > qlast) break;
+        const int klen = a.nk - j0 < MK ? (int)(a.nk - j0) : MK;
+        __syncthreads(); // every warp is done with the previous K, V tile
+        load_rows<DP>(ks, (const bf16 *)a.k, j0, klen, a.stride_kv, (int64_t)g * d, d, a.vec);
+        load_rows<DP>(vs, (const bf16 *)a.v, j0, klen, a.stride_kv, (int64_t)g * d, d, a.vec);
+        if (threadIdx.x < MK)
+            kpos_s[threadIdx.x] = a.causal && threadIdx.x < klen ? a.kpos[j0 + threadIdx.x] : 0;
+        __syncthreads();
+#pragma unroll
+        for (int nt = 0; nt < MK / 16; nt++) { // S = Q K^T, this warp's 16 rows
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> sf;
+            wmma::fill_fragment(sf, 0.0f);
+#pragma unroll
+            for (int kt = 0; kt < DP / 16; kt++) {
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> kf;
+                wmma::load_matrix_sync(kf, ks + nt * 16 * L::LDH + kt * 16, L::LDH);
+                wmma::mma_sync(sf, qf[kt], kf, sf);
+            }
+            wmma::store_matrix_sync(ss + warp * 16 * L::LDS + nt * 16, sf, L::LDS,
+                                    wmma::mem_row_major);
+        }
+        __syncwarp();
+        softmax_rows<DP>(a, raw, klen);
+        __syncwarp();
+        for (int x = lane; x < 16 * DP; x += 32) { // rescale this warp's output rows
+            int r = warp * 16 + x / DP;
+            os[r * L::LDO + x % DP] *= rowc[r];
+        }
+        __syncwarp();
+#pragma unroll
+        for (int ct = 0; ct < DP / 16; ct++) { // O += P V
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> of;
+            float *otile = os + warp * 16 * L::LDO + ct * 16;
+            wmma::load_matrix_sync(of, otile, L::LDO, wmma::mem_row_major);
+#pragma unroll
+            for (int kt = 0; kt < MK / 16; kt++) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> pf;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> vf;
+                wmma::load_matrix_sync(pf, ps + warp * 16 * L::LDP + kt * 16, L::LDP);
+                wmma::load_matrix_sync(vf, vs + kt * 16 * L::LDH + ct * 16, L::LDH);
+                wmma::mma_sync(of, pf, vf, of);
+            }
+            wmma::store_matrix_sync(otile, of, L::LDO, wmma::mem_row_major);
+        }
+    }
+    __syncthreads();
+    // Merge into the running partial: 2 threads per query row, alternate columns.
+    const int r = threadIdx.x / 2, half = threadIdx.x % 2;
+    if (r >= qlen || rowl[r] == 0.0f) return;
+    const int64_t i = i0 + r;
+    float *orow = a.o + i * a.stride_q + (int64_t)h * d, *lp = a.lse + i * a.stride_lse + h;
+    float la = *lp, wa, wb;
+    __syncwarp(0x3u << (threadIdx.x & 30));
+    float lse = spar__merge_lse(la, (rowm[r] + log2f(rowl[r])) * LN2, &wa, &wb);
+    wb /= rowl[r];
+    for (int c = half; c < d; c += 2)
+        orow[c] = wa * orow[c] + wb * os[r * L::LDO + c];
+    if (half == 0) *lp = lse;
+}
+
+// ---- launchers ----------------------------------------------------------------------
+template <typename T, int DMAX> int launch_simt(const FwdArgs &a, cudaStream_t stream) {
+    size_t smem = sizeof(float) * 2 * SK * (size_t)a.d;
+    SPAR_TRY(spar__cuda_smem_optin(fwd_simt<T, DMAX>, smem));
+    dim3 grid((unsigned)((a.nq + SQ - 1) / SQ), (unsigned)a.heads);
+    fwd_simt<T, DMAX><<<grid, SQ * LANES, smem, stream>>>(a);
+    spar__cuda_launched();
     return SPAR_OK;
 }
 
-Buffer dq, dk, dv, dqpos, dkpos, dout, dlse;
+template <typename T> int launch_simt_d(const FwdArgs &a, cudaStream_t stream) {
+    if (a.d <= 64) return launch_simt<T, 64>(a, stream);
+    if (a.d <= 128) return launch_simt<T, 128>(a, stream);
+    return launch_simt<T, 256>(a, stream);
+}
 
-int check(cudaError_t e, const char *what) {
-    if (e == cudaSuccess) return SPAR_OK;
-    fprintf(stderr, "error: CUDA %s: %s\n", what, cudaGetErrorString(e));
-    return SPAR_ECOMM; // a device failure, not bad input
+template <int DP> int launch_mma(const FwdArgs &a, cudaStream_t stream) {
+    size_t smem = MmaLayout<DP>::BYTES;
+    SPAR_TRY(spar__cuda_smem_optin(fwd_mma<DP>, smem));
+    dim3 grid((unsigned)((a.nq + MQ - 1) / MQ), (unsigned)a.heads);
+    fwd_mma<DP><<<grid, WARPS * 32, smem, stream>>>(a);
+    spar__cuda_launched();
+    return SPAR_OK;
+}
+
+bool aligned16(const void *p) {
+    return ((uintptr_t)p & 15u) == 0;
 }
 
 } // namespace
 
-extern "C" int spar__cuda_devices(char *why, size_t len) {
-    int count = 0;
-    cudaError_t e = cudaGetDeviceCount(&count);
-    if (e != cudaSuccess) {
-        snprintf(why, len, "no usable CUDA device (%s)", cudaGetErrorString(e));
-        return 0;
-    }
-    if (count == 0) snprintf(why, len, "no CUDA device visible");
-    return count;
-}
-
-extern "C" int spar__cuda_use_device(int local_rank, int *device) {
-    int count = 0;
-    if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) return SPAR_EUNSUP;
-    *device = local_rank % count; // ranks of one host share its GPUs in turn
-    return check(cudaSetDevice(*device), "set device");
-}
-
-extern "C" int spar__cuda_softmax_fwd_block(const spar_attn_dims *dims, bool causal,
-                                            const spar_qblock *qb, const spar_kvblock *kb) {
-    if (dims->head_dim > MAX_D) return SPAR_EUNSUP;
+extern "C" int spar_cuda_softmax_fwd(const spar_attn_dims *dims, bool causal, spar_cuda_dtype dtype,
+                                     const spar_cuda_qblock *qb, const spar_cuda_kvblock *kb,
+                                     spar_cuda_stream stream) {
+    SPAR_TRY(spar__cuda_check_attn(dims, causal, qb->pos, kb->pos));
     if (qb->n == 0 || kb->n == 0) return SPAR_OK;
-    size_t qbytes = sizeof(float) * (size_t)(qb->n * qb->stride_q);
-    size_t kvbytes = sizeof(float) * (size_t)(kb->n * kb->stride_kv);
-    size_t lbytes = sizeof(float) * (size_t)(qb->n * qb->stride_lse);
-    SPAR_TRY(reserve(dq, qbytes));
-    SPAR_TRY(reserve(dout, qbytes));
-    SPAR_TRY(reserve(dk, kvbytes));
-    SPAR_TRY(reserve(dv, kvbytes));
-    SPAR_TRY(reserve(dlse, lbytes));
-    SPAR_TRY(reserve(dqpos, sizeof(long long) * (size_t)qb->n));
-    SPAR_TRY(reserve(dkpos, sizeof(long long) * (size_t)kb->n));
-    SPAR_TRY(check(cudaMemcpy(dq.p, qb->q, qbytes, cudaMemcpyHostToDevice), "copy q"));
-    SPAR_TRY(check(cudaMemcpy(dout.p, qb->o, qbytes, cudaMemcpyHostToDevice), "copy o"));
-    SPAR_TRY(check(cudaMemcpy(dlse.p, qb->lse, lbytes, cudaMemcpyHostToDevice), "copy lse"));
-    SPAR_TRY(check(cudaMemcpy(dk.p, kb->k, kvbytes, cudaMemcpyHostToDevice), "copy k"));
-    SPAR_TRY(check(cudaMemcpy(dv.p, kb->v, kvbytes, cudaMemcpyHostToDevice), "copy v"));
-    if (causal) {
-        SPAR_TRY(check(cudaMemcpy(dqpos.p, qb->pos, sizeof(long long) * (size_t)qb->n,
-                                  cudaMemcpyHostToDevice), "copy positions"));
-        SPAR_TRY(check(cudaMemcpy(dkpos.p, kb->pos, sizeof(long long) * (size_t)kb->n,
-                                  cudaMemcpyHostToDevice), "copy positions"));
-    }
-    Args a = {dims->heads, dims->kv_heads, dims->head_dim, dims->scale, causal,
-              (long long)qb->n, (long long)kb->n, (long long)qb->stride_q,
-              (long long)qb->stride_lse, (long long)kb->stride_kv,
-              (const float *)dq.p, (const float *)dk.p, (const float *)dv.p,
-              (const long long *)dqpos.p, (const long long *)dkpos.p,
-              (float *)dout.p, (float *)dlse.p};
-    dim3 grid((unsigned)((qb->n + QT - 1) / QT), (unsigned)dims->heads);
-    size_t smem = sizeof(float) * 2 * KT * (size_t)dims->head_dim;
-    fwd_kernel<<<grid, QT, smem>>>(a);
-    SPAR_TRY(check(cudaGetLastError(), "kernel launch"));
-    SPAR_TRY(check(cudaMemcpy(qb->o, dout.p, qbytes, cudaMemcpyDeviceToHost), "copy o back"));
-    return check(cudaMemcpy(qb->lse, dlse.p, lbytes, cudaMemcpyDeviceToHost), "copy lse back");
+    FwdArgs a = {dims->heads,  dims->kv_heads, dims->head_dim, dims->scale * LOG2E,
+                 causal,       false,          qb->n,          kb->n,
+                 qb->stride_q, qb->stride_lse, kb->stride_kv,  qb->q,
+                 kb->k,        kb->v,          qb->pos,        kb->pos,
+                 qb->o,        qb->lse};
+    a.vec = a.d % 8 == 0 && a.stride_q % 8 == 0 && a.stride_kv % 8 == 0 && aligned16(a.q) &&
+            aligned16(a.k) && aligned16(a.v);
+    if (dtype == SPAR_CUDA_F32) return launch_simt_d<float>(a, stream);
+    if (a.d <= 64) return launch_mma<64>(a, stream);
+    if (a.d <= 128) return launch_mma<128>(a, stream);
+    return launch_simt_d<bf16>(a, stream);
 }
