@@ -4,13 +4,14 @@
 //
 // Defines: SPAR_CUDA_CHECK, spar__cuda_launched, spar__load, spar__decays,
 //          spar__cuda_smem_optin, spar__cuda_pow, spar__merge_lse, spar__cuda_check_attn,
-//          spar__cuda_check_linear.
+//          spar__cuda_check_linear, spar__load_bf16_rows.
 #ifndef SPAR_CUDA_COMMON_CUH
 #define SPAR_CUDA_COMMON_CUH
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <math.h>
+#include <stdint.h>
 
 extern "C" {
 #include "cuda_kernels.h" // defines: spar_cuda_* (the C interface these files implement)
@@ -34,6 +35,27 @@ __device__ __forceinline__ float spar__load(const float *p, long long i) {
 }
 __device__ __forceinline__ float spar__load(const __nv_bfloat16 *p, long long i) {
     return __bfloat162float(p[i]);
+}
+
+// Rows [row0, row0 + rows) of a bf16 tensor, columns [col0, col0 + d), into a zero-padded
+// [64][DP] tile of shared memory with rows LDH apart; vec: 16-byte loads are aligned.
+template <int DP, int LDH>
+__device__ void spar__load_bf16_rows(__nv_bfloat16 *dst, const __nv_bfloat16 *src, int64_t row0,
+                                     int rows, int64_t stride, int64_t col0, int d, bool vec) {
+    if (vec) { // 8 bf16 per 16-byte load
+        for (int x = threadIdx.x; x < 64 * DP / 8; x += blockDim.x) {
+            int r = x / (DP / 8), c = x % (DP / 8) * 8;
+            uint4 val = make_uint4(0, 0, 0, 0);
+            if (r < rows && c < d) val = *(const uint4 *)(src + (row0 + r) * stride + col0 + c);
+            *(uint4 *)(dst + r * LDH + c) = val;
+        }
+        return;
+    }
+    for (int x = threadIdx.x; x < 64 * DP; x += blockDim.x) {
+        int r = x / DP, c = x % DP;
+        dst[r * LDH + c] =
+            r < rows && c < d ? src[(row0 + r) * stride + col0 + c] : __float2bfloat16(0.0f);
+    }
 }
 
 // Natural logs of the per-head decays, by value in the launch arguments (float: the

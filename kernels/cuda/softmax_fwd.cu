@@ -133,27 +133,6 @@ template <int DP> struct MmaLayout {
     static_assert(sizeof(bf16) * MQ * LDP <= K - Q, "P fits in Q's space");
 };
 
-// Rows [row0, row0 + rows) of a bf16 tensor into a zero-padded [64][DP] tile (ld LDH).
-template <int DP>
-__device__ void load_rows(bf16 *dst, const bf16 *src, int64_t row0, int rows, int64_t stride,
-                          int64_t col0, int d, bool vec) {
-    constexpr int LDH = MmaLayout<DP>::LDH;
-    if (vec) { // 8 bf16 per 16-byte load
-        for (int x = threadIdx.x; x < 64 * DP / 8; x += blockDim.x) {
-            int r = x / (DP / 8), c = x % (DP / 8) * 8;
-            uint4 val = make_uint4(0, 0, 0, 0);
-            if (r < rows && c < d) val = *(const uint4 *)(src + (row0 + r) * stride + col0 + c);
-            *(uint4 *)(dst + r * LDH + c) = val;
-        }
-        return;
-    }
-    for (int x = threadIdx.x; x < 64 * DP; x += blockDim.x) {
-        int r = x / DP, c = x % DP;
-        dst[r * LDH + c] =
-            r < rows && c < d ? src[(row0 + r) * stride + col0 + c] : __float2bfloat16(0.0f);
-    }
-}
-
 // One warp's online-softmax step on its 16 rows of scores: masks, new maxima, P in bf16,
 // and the factor each row's output must be rescaled by (rowc).
 template <int DP> __device__ void softmax_rows(const FwdArgs &a, unsigned char *raw, int klen) {
@@ -195,7 +174,8 @@ template <int DP> __global__ void __launch_bounds__(WARPS * 32) fwd_mma(FwdArgs 
     const int h = blockIdx.y, g = h / (a.heads / a.kv_heads);
     const int64_t i0 = (int64_t)blockIdx.x * MQ;
     const int qlen = a.nq - i0 < MQ ? (int)(a.nq - i0) : MQ;
-    load_rows<DP>(qs, (const bf16 *)a.q, i0, qlen, a.stride_q, (int64_t)h * d, d, a.vec);
+    spar__load_bf16_rows<DP, MmaLayout<DP>::LDH>(qs, (const bf16 *)a.q, i0, qlen, a.stride_q,
+                                                 (int64_t)h * d, d, a.vec);
     for (int x = threadIdx.x; x < MQ * DP; x += blockDim.x)
         os[x / DP * L::LDO + x % DP] = 0.0f;
     if (threadIdx.x < MQ) {
@@ -212,8 +192,10 @@ template <int DP> __global__ void __launch_bounds__(WARPS * 32) fwd_mma(FwdArgs 
         if (a.causal && a.kpos[j0] > qlast) break;
         const int klen = a.nk - j0 < MK ? (int)(a.nk - j0) : MK;
         __syncthreads(); // every warp is done with the previous K, V tile
-        load_rows<DP>(ks, (const bf16 *)a.k, j0, klen, a.stride_kv, (int64_t)g * d, d, a.vec);
-        load_rows<DP>(vs, (const bf16 *)a.v, j0, klen, a.stride_kv, (int64_t)g * d, d, a.vec);
+        spar__load_bf16_rows<DP, MmaLayout<DP>::LDH>(ks, (const bf16 *)a.k, j0, klen, a.stride_kv,
+                                                     (int64_t)g * d, d, a.vec);
+        spar__load_bf16_rows<DP, MmaLayout<DP>::LDH>(vs, (const bf16 *)a.v, j0, klen, a.stride_kv,
+                                                     (int64_t)g * d, d, a.vec);
         if (threadIdx.x < MK)
             kpos_s[threadIdx.x] = a.causal && threadIdx.x < klen ? a.kpos[j0 + threadIdx.x] : 0;
         __syncthreads();

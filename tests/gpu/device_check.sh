@@ -26,13 +26,17 @@
 #            attention (refused with a clear message while the launcher only lets
 #            softmax onto the GPU)                                 15 s each, 180 s in all
 # The timeouts are for hangs (all of them: about 16 minutes); a healthy run takes far less.
-# Without the prepared binaries the kernels and bench phases use the build phase's.
+# Without prepared binaries built from these very sources (checked by sha256), the kernels
+# and bench phases use the build phase's.
 # Exit 0 when every phase passed, 1 otherwise; 77 when no GPU is visible.
 set -u
 here="$(cd "$(dirname "$0")" && pwd)"
 top="$(cd "$here/../.." && pwd)"
 bin="$top/.runtime/gpu-bin"
 arch="${SPAR_CUDA_ARCH:-90}"
+# What the prepared binaries are built from: they are used only while these are unchanged.
+sources="CMakeLists.txt kernels/kernels.c kernels/kernels.h kernels/cuda/* kernels/cpu/*.c
+    kernels/cpu/*.h tests/gpu/*.c tests/gpu/*.h"
 
 if [ "${1:-}" = "--prepare" ]; then # build the GPU binaries here, without MPI or BLAS
     b="$(mktemp -d "${TMPDIR:-/tmp}/spar-gpu-build.XXXXXX")"
@@ -44,6 +48,7 @@ if [ "${1:-}" = "--prepare" ]; then # build the GPU binaries here, without MPI o
     mkdir -p "$bin"
     cp "$b/tests/test_cuda_kernels" "$b/tests/test_cuda_linear" "$b/tests/bench_cuda" "$bin/"
     strip "$bin"/* # debug info would double what has to travel
+    (cd "$top" && sha256sum $sources >"$bin/sources.sha256")
     rm -rf "$b"
     echo "device_check.sh: prepared $(ls "$bin" | tr '\n' ' ')in $bin; .runtime is $(du -sh "$top/.runtime" | cut -f1)"
     exit 0
@@ -85,13 +90,14 @@ configure_and_build() {
         cmake --build "$build" -j"$(nproc)"
 }
 
-if [ -x "$bin/test_cuda_kernels" ]; then
+if [ -x "$bin/test_cuda_kernels" ] && (cd "$top" && sha256sum --quiet -c "$bin/sources.sha256"); then
     phase kernels_softmax 90 "$bin/test_cuda_kernels"
     phase kernels_linear 90 "$bin/test_cuda_linear"
     phase bench 200 python3 "$here/bench_gpu.py" --bench "$bin/bench_cuda" --out "$OUT/bench.jsonl"
     phase build 300 bash -c "$(declare -f configure_and_build); top='$top' build='$build' arch='$arch' configure_and_build"
 else
-    echo "no prepared binaries in $bin: building first" | tee -a "$summary"
+    echo "no prepared binaries in $bin, or built from other sources: building first" |
+        tee -a "$summary"
     phase build 300 bash -c "$(declare -f configure_and_build); top='$top' build='$build' arch='$arch' configure_and_build"
     phase kernels_softmax 90 "$build/tests/test_cuda_kernels"
     phase kernels_linear 90 "$build/tests/test_cuda_linear"
