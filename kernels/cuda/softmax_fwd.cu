@@ -8,9 +8,9 @@
 //   fwd_mma   bfloat16 storage, head_dim <= 128 (padded to 64 or 128): tensor cores
 //             (nvcuda::wmma 16x16x16, fp32 accumulation) for S = Q K^T and O += P V.
 //             A thread block is 4 warps and 64 queries of one head; each warp owns 16
-//             query rows; Q fragments stay in registers, K and V tiles of 64 keys are
-//             staged in shared memory, O is accumulated in fp32 in shared memory and
-//             rescaled per tile by each warp for its own rows.
+//             query rows; Q fragments and the fp32 O accumulators stay in registers
+//             (rows rescaled per key tile through a probed map of the fragment layout),
+//             K and V tiles of 64 keys are staged in shared memory.
 //   fwd_simt  everything else (fp32 storage, any head_dim <= 256, templated on 64, 128
 //             and 256 columns): 64 queries per block, 4 threads per query row, each
 //             owning every 4th column of q and of the output in registers; key tiles of
@@ -121,16 +121,17 @@ using bf16 = __nv_bfloat16;
 constexpr int MQ = 64, MK = 64, WARPS = 4; // queries per block, keys per tile, warps
 
 // Shared memory of fwd_mma, rows padded against bank conflicts. P (bf16 probabilities)
-// reuses Q's space: Q is read into fragments once, before the first key tile, so that
-// two blocks fit on an sm_90 multiprocessor (about 103 KiB each at DP = 128).
+// reuses Q's space (Q is read into fragments once, before the first key tile); at the
+// end O is staged in fp32 where K and V were. About 70 KiB at DP = 128: three blocks fit
+// on an sm_90 multiprocessor.
 template <int DP> struct MmaLayout {
     static constexpr int LDH = DP + 8, LDS = MK + 4, LDP = MK + 8, LDO = DP + 4;
-    static constexpr size_t Q = 0, P = 0, K = Q + sizeof(bf16) * MQ * LDH,
+    static constexpr size_t Q = 0, P = 0, K = Q + sizeof(bf16) * MQ * LDH, O = K,
                             V = K + sizeof(bf16) * MK * LDH, S = V + sizeof(bf16) * MK * LDH,
-                            O = S + sizeof(float) * MQ * LDS, ROW = O + sizeof(float) * MQ * LDO,
-                            POS = ROW + sizeof(float) * 3 * MQ,
+                            ROW = S + sizeof(float) * MQ * LDS, POS = ROW + sizeof(float) * 3 * MQ,
                             BYTES = POS + sizeof(int64_t) * (MQ + MK);
     static_assert(sizeof(bf16) * MQ * LDP <= K - Q, "P fits in Q's space");
+    static_assert(sizeof(float) * MQ * LDO <= S - K, "O fits in K's and V's space");
 };
 
 // One warp's online-softmax step on its 16 rows of scores: masks, new maxima, P in bf16,
@@ -162,6 +163,18 @@ template <int DP> __device__ void softmax_rows(const FwdArgs &a, unsigned char *
     }
 }
 
+using Acc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+
+// Which row of its 16 x 16 tile each element of this lane's accumulator fragment holds:
+// wmma does not document the layout, so each warp loads a tile of row numbers once.
+__device__ void probe_rows(Acc &rows, float *scratch, int ld) {
+    for (int x = threadIdx.x % 32; x < 256; x += 32)
+        scratch[x / 16 * ld + x % 16] = (float)(x / 16);
+    __syncwarp();
+    wmma::load_matrix_sync(rows, scratch, ld, wmma::mem_row_major);
+    __syncwarp();
+}
+
 template <int DP> __global__ void __launch_bounds__(WARPS * 32) fwd_mma(FwdArgs a) {
     using L = MmaLayout<DP>;
     extern __shared__ __align__(128) unsigned char raw[];
@@ -170,18 +183,21 @@ template <int DP> __global__ void __launch_bounds__(WARPS * 32) fwd_mma(FwdArgs 
     float *rowl = rowm + MQ, *rowc = rowl + MQ;
     bf16 *ps = (bf16 *)(raw + L::P);
     int64_t *qpos_s = (int64_t *)(raw + L::POS), *kpos_s = qpos_s + MQ;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, d = a.d;
+    const int warp = threadIdx.x / 32, d = a.d;
     const int h = blockIdx.y, g = h / (a.heads / a.kv_heads);
     const int64_t i0 = (int64_t)blockIdx.x * MQ;
     const int qlen = a.nq - i0 < MQ ? (int)(a.nq - i0) : MQ;
-    spar__load_bf16_rows<DP, MmaLayout<DP>::LDH>(qs, (const bf16 *)a.q, i0, qlen, a.stride_q,
-                                                 (int64_t)h * d, d, a.vec);
-    for (int x = threadIdx.x; x < MQ * DP; x += blockDim.x)
-        os[x / DP * L::LDO + x % DP] = 0.0f;
+    spar__load_bf16_rows<DP, L::LDH>(qs, (const bf16 *)a.q, i0, qlen, a.stride_q, (int64_t)h * d, d,
+                                     a.vec);
     if (threadIdx.x < MQ) {
         rowm[threadIdx.x] = -INFINITY, rowl[threadIdx.x] = 0.0f;
         qpos_s[threadIdx.x] = a.causal && threadIdx.x < qlen ? a.qpos[i0 + threadIdx.x] : -1;
     }
+    Acc rows, of[DP / 16]; // O of this warp's 16 rows stays in registers
+    probe_rows(rows, ss + warp * 16 * L::LDS, L::LDS);
+#pragma unroll
+    for (int ct = 0; ct < DP / 16; ct++)
+        wmma::fill_fragment(of[ct], 0.0f);
     __syncthreads();
     wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> qf[DP / 16];
 #pragma unroll
@@ -191,17 +207,17 @@ template <int DP> __global__ void __launch_bounds__(WARPS * 32) fwd_mma(FwdArgs 
     for (int64_t j0 = 0; j0 < a.nk; j0 += MK) {
         if (a.causal && a.kpos[j0] > qlast) break;
         const int klen = a.nk - j0 < MK ? (int)(a.nk - j0) : MK;
-        __syncthreads(); // every warp is done with the previous K, V tile
-        spar__load_bf16_rows<DP, MmaLayout<DP>::LDH>(ks, (const bf16 *)a.k, j0, klen, a.stride_kv,
-                                                     (int64_t)g * d, d, a.vec);
-        spar__load_bf16_rows<DP, MmaLayout<DP>::LDH>(vs, (const bf16 *)a.v, j0, klen, a.stride_kv,
-                                                     (int64_t)g * d, d, a.vec);
+        __syncthreads(); // every warp is done with the previous K, V tile (and with Q)
+        spar__load_bf16_rows<DP, L::LDH>(ks, (const bf16 *)a.k, j0, klen, a.stride_kv,
+                                         (int64_t)g * d, d, a.vec);
+        spar__load_bf16_rows<DP, L::LDH>(vs, (const bf16 *)a.v, j0, klen, a.stride_kv,
+                                         (int64_t)g * d, d, a.vec);
         if (threadIdx.x < MK)
             kpos_s[threadIdx.x] = a.causal && threadIdx.x < klen ? a.kpos[j0 + threadIdx.x] : 0;
         __syncthreads();
 #pragma unroll
         for (int nt = 0; nt < MK / 16; nt++) { // S = Q K^T, this warp's 16 rows
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> sf;
+            Acc sf;
             wmma::fill_fragment(sf, 0.0f);
 #pragma unroll
             for (int kt = 0; kt < DP / 16; kt++) {
@@ -215,27 +231,25 @@ template <int DP> __global__ void __launch_bounds__(WARPS * 32) fwd_mma(FwdArgs 
         __syncwarp();
         softmax_rows<DP>(a, raw, klen);
         __syncwarp();
-        for (int x = lane; x < 16 * DP; x += 32) { // rescale this warp's output rows
-            int r = warp * 16 + x / DP;
-            os[r * L::LDO + x % DP] *= rowc[r];
-        }
-        __syncwarp();
 #pragma unroll
-        for (int ct = 0; ct < DP / 16; ct++) { // O += P V
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> of;
-            float *otile = os + warp * 16 * L::LDO + ct * 16;
-            wmma::load_matrix_sync(of, otile, L::LDO, wmma::mem_row_major);
+        for (int ct = 0; ct < DP / 16; ct++) { // O = O * corr + P V
+            for (int e = 0; e < of[ct].num_elements; e++)
+                of[ct].x[e] *= rowc[warp * 16 + (int)rows.x[e]];
 #pragma unroll
             for (int kt = 0; kt < MK / 16; kt++) {
                 wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> pf;
                 wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> vf;
                 wmma::load_matrix_sync(pf, ps + warp * 16 * L::LDP + kt * 16, L::LDP);
                 wmma::load_matrix_sync(vf, vs + kt * 16 * L::LDH + ct * 16, L::LDH);
-                wmma::mma_sync(of, pf, vf, of);
+                wmma::mma_sync(of[ct], pf, vf, of[ct]);
             }
-            wmma::store_matrix_sync(otile, of, L::LDO, wmma::mem_row_major);
         }
     }
+    __syncthreads(); // K and V are free: O goes there
+#pragma unroll
+    for (int ct = 0; ct < DP / 16; ct++)
+        wmma::store_matrix_sync(os + warp * 16 * L::LDO + ct * 16, of[ct], L::LDO,
+                                wmma::mem_row_major);
     __syncthreads();
     // Merge into the running partial: 2 threads per query row, alternate columns.
     const int r = threadIdx.x / 2, half = threadIdx.x % 2;

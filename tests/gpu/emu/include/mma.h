@@ -7,7 +7,10 @@ namespace nvcuda { namespace wmma {
 struct matrix_a {}; struct matrix_b {}; struct accumulator {};
 struct row_major {}; struct col_major {};
 enum layout_t { mem_row_major, mem_col_major };
-template <class Use, int M, int N, int K, class T, class L = void> struct fragment { float x[256]; };
+template <class Use, int M, int N, int K, class T, class L = void> struct fragment {
+    static constexpr int num_elements = 256;
+    float x[256];
+};
 inline float f(float v) { return v; }
 inline float f(__nv_bfloat16 v) { return __bfloat162float(v); }
 template <class Use, class T, class L, class P> void load_matrix_sync(fragment<Use, 16, 16, 16, T, L> &a, const P *p, unsigned ld) {
