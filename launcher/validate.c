@@ -27,9 +27,7 @@ static void set_text(spar_config *cfg, int id, const char *text) {
     snprintf(cfg->v[id].s, sizeof cfg->v[id].s, "%s", text);
 }
 
-/* The method and partition for this attention type, "auto" resolved here so that every
- * rank runs (and every record shows) the same thing. */
-/* run.device=cuda: a device, and what its kernels cover so far. */
+/* run.device=cuda: a device, and its own kernels. */
 static int check_device(const spar_config *cfg, spar_err *err) {
     if (strcmp(key_str(cfg, SPAR_KEY_RUN_DEVICE), "cuda") != 0) return SPAR_OK;
     char why[256] = "";
@@ -40,14 +38,11 @@ static int check_device(const spar_config *cfg, spar_err *err) {
                              "key run.kernel: '%s' with run.device=cuda (allowed: auto; the "
                              "device has its own kernels)",
                              key_str(cfg, SPAR_KEY_RUN_KERNEL));
-    if (strcmp(key_str(cfg, SPAR_KEY_ATTN_TYPE), "softmax") != 0)
-        return spar__err_set(err, SPAR_EUNSUP,
-                             "key attention.type: '%s' with run.device=cuda (allowed: softmax; "
-                             "the linear-attention GPU kernels are not built yet)",
-                             key_str(cfg, SPAR_KEY_ATTN_TYPE));
     return SPAR_OK;
 }
 
+/* The method and partition for this attention type, "auto" resolved here so that every
+ * rank runs (and every record shows) the same thing. */
 static int check_methods(spar_config *cfg, spar_err *err) {
     if (!spar_kernels_select(key_str(cfg, SPAR_KEY_RUN_KERNEL)))
         return spar__err_set(err, SPAR_EUNSUP,
