@@ -38,7 +38,7 @@ for t in "${targets[@]}"; do
     [ -n "${FUZZ_JOBS:-}" ] && args+=(-jobs="$FUZZ_JOBS" -workers="$FUZZ_JOBS")
     rc=0
     (cd "$work" && "$root/$bin" "${args[@]}" corpus >run.log 2>&1) || rc=$?
-    log=$(cat "$work"/run.log "$work"/fuzz-*.log 2>/dev/null || true)
+    log=$(cat "$work"/run.log) # with -jobs, libFuzzer copies each job's log into its own
     runs=$( (grep -o 'stat::number_of_executed_units: [0-9]*' <<<"$log" || true) |
         awk '{s += $2} END {print s + 0}')
     last=$(grep -E '(DONE|pulse|NEW|REDUCE) +cov:' <<<"$log" | tail -1 || true)
