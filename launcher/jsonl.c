@@ -23,6 +23,13 @@ static void skip_space(cursor *c) {
         c->p++;
 }
 
+/* Steps over ch if it is next; never past the line's end (a truncated line stops here). */
+static bool expect(cursor *c, char ch) {
+    if (*c->p != ch) return false;
+    c->p++;
+    return true;
+}
+
 static int add(cursor *c, const char *key, const char *text, double num, bool is_num) {
     spar_json_flat *j = c->out;
     if (j->count == j->cap) {
@@ -77,11 +84,11 @@ static int object(cursor *c, const char *key, int depth) {
         int n = snprintf(full, sizeof full, "%s%s%s", key, *key ? "." : "", name);
         if (n < 0 || (size_t)n >= sizeof full) return SPAR_EFORMAT;
         skip_space(c);
-        if (*c->p++ != ':') return SPAR_EFORMAT;
+        if (!expect(c, ':')) return SPAR_EFORMAT;
         SPAR_TRY(value(c, full, depth + 1));
         skip_space(c);
         if (*c->p == '}') return c->p++, SPAR_OK;
-        if (*c->p++ != ',') return SPAR_EFORMAT;
+        if (!expect(c, ',')) return SPAR_EFORMAT;
     }
 }
 
@@ -112,7 +119,7 @@ static int array(cursor *c, const char *key, int depth) {
         }
         skip_space(c);
         if (*c->p == ']') break;
-        if (*c->p++ != ',') return SPAR_EFORMAT;
+        if (!expect(c, ',')) return SPAR_EFORMAT;
     }
     c->p++;
     if (numbers) return add(c, key, "", best, true);

@@ -5,7 +5,7 @@
 # Fails when any harness crashes, leaks, hangs or breaks a property; the input that did
 # it is kept under build-fuzz/fuzz-run/TARGET/ and the command to replay it is printed.
 #
-#   tests/fuzz/run.sh [SECONDS] [TARGET...]     # targets: yaml keys npy plan offload_header
+#   tests/fuzz/run.sh [SECONDS] [TARGET...]     # targets: yaml keys npy plan offload_header jsonl
 #   FUZZ_JOBS=1 nice -n 19 tests/fuzz/run.sh 600  # the long run (tests/fuzz/README.md)
 #
 # Needs clang and libclang-rt-14-dev (Debian 12).
@@ -15,7 +15,7 @@ root=$PWD
 seconds=${1:-20}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(yaml keys npy plan offload_header)
+[ ${#targets[@]} -gt 0 ] || targets=(yaml keys npy plan offload_header jsonl)
 
 cmake --preset fuzz >/dev/null
 cmake --build build-fuzz --target fuzz -j2 >/dev/null
