@@ -21,22 +21,8 @@ HOSTS="$HERE/hosts.sh"
 NP=4
 LIMIT=60 # seconds per mpirun
 
-skip() {
-    echo "skip: $*"
-    exit 77
-}
-
-[ "$(id -u)" -eq 0 ] || skip "needs root for network namespaces (running as uid $(id -u))"
-command -v ip >/dev/null 2>&1 || skip "the ip command (iproute2) is not installed"
-err=$(ip netns list 2>&1 >/dev/null) || skip "'ip netns' is not available: ${err:-failed}"
-MPIEXEC=${MPIEXEC:-$(command -v mpirun || true)}
-{ [ -n "$MPIEXEC" ] && command -v "$MPIEXEC" >/dev/null 2>&1; } || skip "mpirun not found (set MPIEXEC)"
-SPAR=${SPAR:-$HERE/../../build/spar}
-if [ ! -x "$SPAR" ]; then
-    echo "error: SPAR must name the spar program (got '$SPAR')"
-    exit 1
-fi
-export MPIEXEC OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+# shellcheck source=lib.sh
+. "$HERE/lib.sh" # skip(); exits 77 where this machine cannot run it; sets MPIEXEC, SPAR
 RATE=${SPAR_NETNS_TEST_RATE:-}
 if [ -z "$RATE" ]; then
     if command -v tc >/dev/null 2>&1; then RATE=10gbit; else RATE=none; fi

@@ -22,22 +22,8 @@ TIMEOUT=3
 CUT_INDEX=2 # spar-h2, where rank 1 runs
 STATE=${SPAR_NETNS_STATE:-/run/spar-netns}
 
-skip() {
-    echo "skip: $*"
-    exit 77
-}
-
-[ "$(id -u)" -eq 0 ] || skip "needs root for network namespaces (running as uid $(id -u))"
-command -v ip >/dev/null 2>&1 || skip "the ip command (iproute2) is not installed"
-err=$(ip netns list 2>&1 >/dev/null) || skip "'ip netns' is not available: ${err:-failed}"
-MPIEXEC=${MPIEXEC:-$(command -v mpirun || true)}
-{ [ -n "$MPIEXEC" ] && command -v "$MPIEXEC" >/dev/null 2>&1; } || skip "mpirun not found (set MPIEXEC)"
-SPAR=${SPAR:-$HERE/../../build/spar}
-if [ ! -x "$SPAR" ]; then
-    echo "error: SPAR must name the spar program (got '$SPAR')"
-    exit 1
-fi
-export MPIEXEC OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+# shellcheck source=lib.sh
+. "$HERE/lib.sh" # skip(); exits 77 where this machine cannot run it; sets MPIEXEC, SPAR
 
 # The hosts' names are fixed and this machine may have other users: hold hosts.sh's lock
 # from up to down, on a descriptor the MPI job does not inherit (see test_hosts.sh).
