@@ -135,6 +135,40 @@ EOF
         { cat "$WORK"/spar-long-"$id".out >&2; fail "the log does not say why it stopped"; }
 }
 
+# One task of an srun job killed mid-run: the step and the job end within 10 s, the job
+# log names the task, and no spar process is left.
+t_srun_rank_killed() {
+    local id i=0 pid="" t0 took state
+    cat >"$TMP/killed.yaml" <<'EOF'
+include: small.yaml
+run:
+  kernel: scalar
+  verify: false
+sequence:
+  length: 6144
+EOF
+    id=$(submit "$TMP/killed.yaml" --set output.results="$WORK/killed.jsonl") || exit 1
+    while [ -z "$pid" ] && [ $i -lt 400 ]; do # the task with SLURM_PROCID=1, once running
+        for p in $(pgrep -f "spar run $TMP/killed.yaml" || true); do
+            tr '\0' '\n' <"/proc/$p/environ" 2>/dev/null | grep -qx 'SLURM_PROCID=1' && pid=$p
+        done
+        sleep 0.25; i=$((i + 1))
+    done
+    [ -n "$pid" ] || fail "task 1 of job $id never started"
+    sleep 1
+    kill -9 "$pid"
+    t0=$(date +%s%N)
+    state=$(wait_job "$id" 30)
+    took=$(( ($(date +%s%N) - t0) / 1000000 ))
+    echo "# job $id: task 1 killed, the job ended $state after $took ms"
+    [ "$took" -lt 10000 ] || fail "the job took $took ms to end (allowed: 10 s)"
+    [ "$state" = FAILED ] || [ "$state" = CANCELLED ] || fail "job $id ended $state"
+    grep -Eq 'task 1|rank 1' "$WORK"/spar-killed-"$id".out ||
+        { cat "$WORK"/spar-killed-"$id".out >&2; fail "the job log does not name the lost task"; }
+    sleep 1
+    ! pgrep -f "spar run $TMP/killed.yaml" >/dev/null || fail "spar processes left behind"
+}
+
 t_submit_hetjob() {
     # offloaded generation as a heterogeneous job: 1 compute rank on `debug`, 2 attention
     # ranks on `memory`, one srun over both
@@ -260,6 +294,7 @@ case_run "spar submit --dry-run prints a valid sbatch script" t_dry_run
 case_run "spar submit (srun --mpi=pmix): job runs, record carries the job" t_submit_srun
 case_run "spar submit --launcher mpirun: job runs" t_submit_mpirun
 case_run "scancel mid-sweep: whole records and one interrupted record" t_scancel_mid_sweep
+case_run "one srun task killed mid-run: the job ends within 10 s, naming it, nothing left" t_srun_rank_killed
 case_run "spar submit --attention-partition: a heterogeneous offload script" t_submit_hetjob
 case_run "srun --mpi=none: a clear error from every task" t_srun_without_pmi
 case_run "MPI world smaller than the srun step: a clear error" t_world_mismatch
