@@ -145,7 +145,7 @@ run:
   kernel: scalar
   verify: false
 sequence:
-  length: 6144
+  length: 20000
 EOF
     id=$(submit "$TMP/killed.yaml" --set output.results="$WORK/killed.jsonl") || exit 1
     while [ -z "$pid" ] && [ $i -lt 400 ]; do # the task with SLURM_PROCID=1, once running
@@ -155,8 +155,8 @@ EOF
         sleep 0.25; i=$((i + 1))
     done
     [ -n "$pid" ] || fail "task 1 of job $id never started"
-    sleep 1
-    kill -9 "$pid"
+    sleep 0.5 # into the run (it would take a minute): MPI is up, the ring is turning
+    kill -9 "$pid" || fail "task 1 ended before it could be killed"
     t0=$(date +%s%N)
     state=$(wait_job "$id" 30)
     took=$(( ($(date +%s%N) - t0) / 1000000 ))
