@@ -31,7 +31,6 @@ enum {
 typedef struct spar__split {
     int compute, K;        /* compute ranks C, attention ranks K */
     bool by_heads;         /* K divides G */
-    double timeout;        /* seconds to wait for a peer (0: no limit) */
     int heads_per, kv_per; /* by heads: query and kv heads per attention rank */
     const spar_model_dims *md;
 } spar__split;
@@ -68,8 +67,9 @@ typedef struct spar__header {
 int spar__header_send(spar_comm *comm, int dest, const spar__header *h, uint64_t *header_bytes);
 /* Receives one header from src into h (ids and positions malloc'ed; free with
  * spar__header_free); SPAR_EFORMAT, with an error naming the sender, if it does not
- * parse or holds more than max_count requests. */
-int spar__header_recv(spar_comm *comm, int src, int max_count, double timeout, spar__header *h);
+ * parse or holds more than max_count requests; SPAR_ECOMM after the communicator's
+ * timeout (comm.timeout) without one. */
+int spar__header_recv(spar_comm *comm, int src, int max_count, spar__header *h);
 /* The same for a message already received: len bytes from rank src. */
 int spar__header_decode(const void *buf, size_t len, int src, int max_count, spar__header *h);
 void spar__header_free(spar__header *h);
@@ -81,7 +81,6 @@ typedef struct spar__prefill_plan {
     spar_comm *comm;
     const spar_method *method;
     enum spar_partition_kind kind;
-    double timeout;
 } spar__prefill_plan;
 
 /* Called on the owner with one layer's K/V of the whole prompt: k, v [len, G d] in

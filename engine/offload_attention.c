@@ -92,7 +92,8 @@ static int receive_prompts(server *w, int c, int m) {
         int64_t rows = spar__prompt_rows(&w->sp, w->a, w->r->prompt_len[s->ids[i]]);
         for (int l = 0; l < w->m->dims.layers; l++) {
             SPAR_TRY(spar_comm_recv_for(w->comm, s->buf, sizeof(float) * (size_t)(2 * rows * part),
-                                        c, SPAR__TAG_PREFILL, w->sp.timeout, "a prompt's K/V"));
+                                        c, SPAR__TAG_PREFILL, spar_comm_timeout(w->comm),
+                                        "a prompt's K/V"));
             for (int64_t p = 0; p < rows; p++)
                 SPAR_TRY(
                     spar__cache_put(cache, l, p, s->buf + p * part, s->buf + (rows + p) * part));
@@ -113,7 +114,7 @@ static int serve_layer(server *w, int c, int m, int layer, int step) {
     SPAR_TRY(spar_comm_sendrecv_start(w->comm, m % 4, NULL, 0, -1, s->buf,
                                       sizeof(float) * (size_t)(s->count * qf + held * 2 * kf), c,
                                       &op));
-    SPAR_TRY(spar_comm_op_wait_for(w->comm, &op, sp->timeout, c, "q, k, v"));
+    SPAR_TRY(spar_comm_op_wait_for(w->comm, &op, spar_comm_timeout(w->comm), c, "q, k, v"));
     spar_attn_dims dims = spar__model_attn_dims(sp->md, sp->heads_per, sp->kv_per);
     const float *kv = s->buf + s->count * qf;
     float *o = s->reply, *lse = s->reply + s->count * qf;
@@ -142,7 +143,7 @@ static int headers(server *w, int step) {
     for (int c = 0; c < w->sp.compute; c++)
         for (int m = 0; m < w->M[c]; m++) {
             spar__header h;
-            SPAR_TRY(spar__header_recv(w->comm, c, w->r->count, w->sp.timeout, &h));
+            SPAR_TRY(spar__header_recv(w->comm, c, w->r->count, &h));
             int rc = check_header(w, &h, c, m, step);
             if (rc == 0 && step == 0) rc = admit(w, c, m, &h);
             spar__header_free(&h);
@@ -182,7 +183,7 @@ static int serve(server *w) {
     w->out->decode_bytes = spar_comm_bytes_sent(w->comm) - bytes0;
     for (int c = 0; c < w->sp.compute; c++) { /* each compute rank's stop */
         spar__header h;
-        SPAR_TRY(spar__header_recv(w->comm, c, r->count, w->sp.timeout, &h));
+        SPAR_TRY(spar__header_recv(w->comm, c, r->count, &h));
         bool ok = h.stop && h.compute_rank == c && h.step == r->generate;
         spar__header_free(&h);
         if (!ok)

@@ -111,7 +111,7 @@ static int send_prompt_kv(void *ctx, int layer, const float *k, const float *v, 
         share_rows(w, a, k, len, buf);
         share_rows(w, a, v, len, buf + rows * part);
         rc = spar_comm_send_for(w->comm, buf, sizeof(float) * (size_t)(2 * rows * part),
-                                w->sp.compute + a, SPAR__TAG_PREFILL, w->sp.timeout,
+                                w->sp.compute + a, SPAR__TAG_PREFILL, spar_comm_timeout(w->comm),
                                 "a prompt's K/V to be taken");
     }
     free(buf);
@@ -209,8 +209,8 @@ static int gather_o(compute *w, mbatch *b) {
     int64_t qf = spar__q_floats(sp), hd = (int64_t)md->heads * md->head_dim;
     double t0 = spar_comm_wtime();
     for (int a = 0; a < sp->K; a++)
-        SPAR_TRY(spar_comm_op_wait_for(w->comm, &b->ops[a], sp->timeout, sp->compute + a,
-                                       "attention output"));
+        SPAR_TRY(spar_comm_op_wait_for(w->comm, &b->ops[a], spar_comm_timeout(w->comm),
+                                       sp->compute + a, "attention output"));
     w->out->idle_seconds += spar_comm_wtime() - t0;
     if (!sp->by_heads)
         spar_softmax_init_partial(b->count, md->heads, md->head_dim, b->s.o, b->s.lse);
@@ -355,12 +355,9 @@ int spar_generate_offload(spar_comm *comm, const spar_model *m, const spar_reque
                            "1 .. world - 1, leaving a compute rank)",
                            K, world);
     spar__split sp = spar__split_of(&m->dims, world, K);
-    sp.timeout = cfg->timeout;
     int micro = cfg->micro_batches > 0 ? cfg->micro_batches : 1;
     bool computes = spar_comm_rank(comm) < sp.compute;
-    spar__prefill_plan plan = {.method = cfg->prefill,
-                               .kind = cfg->prefill_partition,
-                               .timeout = cfg->timeout};
+    spar__prefill_plan plan = {.method = cfg->prefill, .kind = cfg->prefill_partition};
     /* shared prefill: a communicator of the compute ranks (collective over the world) */
     if (plan.method) SPAR_TRY(spar_comm_split(comm, computes ? 0 : 1, &plan.comm));
     int rc = computes ? compute_side(comm, m, r, &sp, micro, &plan, out)

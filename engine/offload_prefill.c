@@ -95,11 +95,11 @@ static int last_logits(shared *x, int owner, float *logits) {
         spar__logits(x->m, &last, logits);
         if (holder != owner)
             SPAR_TRY(spar_comm_send_for(x->plan->comm, logits, sizeof(float) * (size_t)V, owner,
-                                        SPAR__TAG_PREFILL_LOGITS, x->plan->timeout,
+                                        SPAR__TAG_PREFILL_LOGITS, spar_comm_timeout(x->plan->comm),
                                         "the prompt's last logits to be taken"));
     } else if (x->me == owner) {
         SPAR_TRY(spar_comm_recv_for(x->plan->comm, logits, sizeof(float) * (size_t)V, holder,
-                                    SPAR__TAG_PREFILL_LOGITS, x->plan->timeout,
+                                    SPAR__TAG_PREFILL_LOGITS, spar_comm_timeout(x->plan->comm),
                                     "the prompt's last logits"));
     }
     return SPAR_OK;

@@ -102,11 +102,12 @@ int spar__header_decode(const void *buf, size_t len, int src, int max_count, spa
     return rc;
 }
 
-int spar__header_recv(spar_comm *comm, int src, int max_count, double timeout, spar__header *h) {
+int spar__header_recv(spar_comm *comm, int src, int max_count, spar__header *h) {
     void *buf = NULL;
     size_t len = 0;
     *h = (spar__header){0};
-    SPAR_TRY(spar_comm_probe_for(comm, src, SPAR__TAG_HEADER, timeout, "a control message"));
+    SPAR_TRY(spar_comm_probe_for(comm, src, SPAR__TAG_HEADER, spar_comm_timeout(comm),
+                                 "a control message"));
     SPAR_TRY(spar_comm_recv_message(comm, src, SPAR__TAG_HEADER, &buf, &len));
     int rc = spar__header_decode(buf, len, src, max_count, h);
     free(buf);

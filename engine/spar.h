@@ -173,7 +173,6 @@ int spar_generate_local(const spar_model *m, const spar_requests *r, spar_genera
  * and logits end on rank 0; every rank returns the same status. */
 typedef struct spar_offload {
     int attention_ranks, micro_batches;
-    double timeout; /* seconds a rank waits for a peer before failing (0: no limit) */
     /* Prefill: NULL = each prompt by the compute rank that serves it; else a softmax
      * method (ring, allgather) by which all compute ranks prefill each prompt together,
      * split as prefill_partition (prompts shorter than 2 x compute ranks: by their own). */

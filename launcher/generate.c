@@ -192,9 +192,10 @@ int spar__generate_plan(spar_comm *comm, const spar_config *cfg) {
     if (rc == 0 && (!g.tokens || !g.logits || !g.step_seconds)) rc = SPAR_ENOMEM;
     if (rc == 0) rc = spar_comm_barrier(comm);
     if (rc == 0) {
-        const char *prefill = cfg->v[SPAR_KEY_PAR_PREFILL].s, *split = cfg->v[SPAR_KEY_SEQ_PARTITION].s;
+        const char *prefill = cfg->v[SPAR_KEY_PAR_PREFILL].s;
+        const char *split = cfg->v[SPAR_KEY_SEQ_PARTITION].s;
+        /* waits give up after comm.timeout: the communicator carries it */
         spar_offload oc = {K, (int)cfg->v[SPAR_KEY_PAR_MICRO_BATCHES].i,
-                           cfg->v[SPAR_KEY_COMM_TIMEOUT].f,
                            strcmp(prefill, "local") == 0 ? NULL : spar_method_find(prefill),
                            spar__partition_kind(strcmp(split, "auto") == 0 ? "zigzag" : split)};
         int run = offload     ? spar_generate_offload(comm, &lm.model, &req, &oc, &g)

@@ -169,38 +169,6 @@ EOF
     ! pgrep -f "spar run $TMP/killed.yaml" >/dev/null || fail "spar processes left behind"
 }
 
-t_submit_hetjob() {
-    # offloaded generation as a heterogeneous job: 1 compute rank on `debug`, 2 attention
-    # ranks on `memory`, one srun over both
-    cat >"$TMP/gen.yaml" <<'EOF'
-run:
-  mode: generate
-attention:
-  heads: 4
-  kv_heads: 2
-  head_dim: 8
-model:
-  layers: 2
-  vocab: 50
-parallel:
-  ranks: 3
-  attention_ranks: 2
-workload:
-  batch: 3
-  prompt_lengths: 5,9
-  generate: 12
-EOF
-    (cd "$WORK" && "$SPAR" submit "$TMP/gen.yaml" --attention-partition memory --dry-run) >"$OUT" 2>&1 ||
-        { show_output; fail "hetjob dry run failed"; }
-    grep -q '^#SBATCH hetjob$' "$OUT" && grep -q '^#SBATCH --partition=memory$' "$OUT" &&
-        grep -q '^#SBATCH --ntasks=2$' "$OUT" && grep -q '^exec srun --mpi=pmix --het-group=0,1 ' "$OUT" ||
-        { show_output; fail "not a heterogeneous script"; }
-    # It is submitted in t_hetjob_two_nodes: on this one-node cluster Slurm 22.05 keeps
-    # such a job pending (reason "Resources") although the node has room for both
-    # components (backfill, the only scheduler that starts heterogeneous jobs, plans
-    # component 0 on the node and then will not place component 1 on a planned node).
-}
-
 # The offloaded generation of the heterogeneous job, and the same model decoded locally.
 write_het_experiment() {
     cat >"$TMP/het.yaml" <<'EOF'
@@ -222,6 +190,21 @@ workload:
   prompt_lengths: 5,9
   generate: 16
 EOF
+}
+
+t_submit_hetjob() {
+    # offloaded generation as a heterogeneous job: 1 compute rank on `debug`, 2 attention
+    # ranks on `memory`, one srun over both
+    write_het_experiment
+    (cd "$WORK" && "$SPAR" submit "$TMP/het.yaml" --attention-partition memory --dry-run) >"$OUT" 2>&1 ||
+        { show_output; fail "hetjob dry run failed"; }
+    grep -q '^#SBATCH hetjob$' "$OUT" && grep -q '^#SBATCH --partition=memory$' "$OUT" &&
+        grep -q '^#SBATCH --ntasks=2$' "$OUT" && grep -q '^exec srun --mpi=pmix --het-group=0,1 ' "$OUT" ||
+        { show_output; fail "not a heterogeneous script"; }
+    # It is submitted in t_hetjob_two_nodes: on this one-node cluster Slurm 22.05 keeps
+    # such a job pending (reason "Resources") although the node has room for both
+    # components (backfill, the only scheduler that starts heterogeneous jobs, plans
+    # component 0 on the node and then will not place component 1 on a planned node).
 }
 
 check_het_record() { # results-file job-id offload-tokens local-tokens
