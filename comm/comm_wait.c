@@ -8,6 +8,7 @@
  * wait that gave up stay posted: the caller ends the job (the launcher aborts).
  */
 #include <limits.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
 
@@ -36,20 +37,92 @@ void spar__comm_op_free(spar_comm_op *op) {
     free(op);
 }
 
-/* The error of a wait that gave up on peer `who` (a rank of comm; -1: a collective). */
+/* The error of a wait that gave up on peer `who`, a rank of comm. */
 static int no_answer(spar_comm *comm, int who, double seconds, const char *what) {
     comm->failed = 1;
-    if (who < 0 || who >= comm->size)
-        return spar_errorf(SPAR_ECOMM,
-                           "%s did not complete within %.1f s (comm.timeout): some rank did not "
-                           "arrive; it is stopped, hung, unreachable or slower than "
-                           "comm.timeout allows",
-                           what, seconds);
+    if (who >= comm->size) /* not a member: cannot happen, but never index past the tables */
+        return spar_errorf(SPAR_ECOMM, "%s did not complete within %.1f s (comm.timeout)", what,
+                           seconds);
     return spar_errorf(SPAR_ECOMM,
                        "no answer from rank %d for %.1f s (comm.timeout) while waiting for %s; "
                        "rank %d (host %s) is stopped, hung, unreachable or slower than "
                        "comm.timeout allows",
                        comm->job_rank[who], seconds, what, comm->job_rank[who], comm->hosts[who]);
+}
+
+/* Tag of the roll call; no other message of the room or the engine uses it. */
+enum { ROLL_CALL_TAG = 7300 };
+
+/* A collective has no single peer to blame, so the ranks that gave up on it call the
+ * roll: each sends a byte to every other member and waits up to `grace` seconds for
+ * theirs. The ranks still waiting in the collective give up within about the same
+ * time and answer; a stopped or cut-off rank does not. answered[p] = 1 for those heard.
+ * The sends are freed unfinished and the receives cancelled: the job is ending. */
+static void roll_call(spar_comm *comm, double grace, int *answered) {
+    static const char mark = 1;
+    char *in = calloc((size_t)comm->size, 1);
+    MPI_Request *reqs = malloc((size_t)comm->size * sizeof *reqs);
+    if (!in || !reqs) goto out;
+    for (int p = 0; p < comm->size; p++) {
+        reqs[p] = MPI_REQUEST_NULL;
+        answered[p] = p == comm->rank;
+        if (p == comm->rank) continue;
+        MPI_Request send;
+        MPI_Irecv(&in[p], 1, MPI_CHAR, p, ROLL_CALL_TAG, comm->world, &reqs[p]);
+        if (MPI_Isend(&mark, 1, MPI_CHAR, p, ROLL_CALL_TAG, comm->world, &send) == MPI_SUCCESS)
+            MPI_Request_free(&send);
+    }
+    double start = MPI_Wtime();
+    int left = comm->size - 1;
+    while (left > 0 && MPI_Wtime() - start < grace) {
+        for (int p = 0; p < comm->size; p++) {
+            int done = 0;
+            if (reqs[p] == MPI_REQUEST_NULL) continue;
+            if (MPI_Test(&reqs[p], &done, MPI_STATUS_IGNORE) == MPI_SUCCESS && done)
+                answered[p] = 1, left--;
+        }
+        struct timespec ts = {0, 1000000};
+        nanosleep(&ts, NULL);
+    }
+    for (int p = 0; p < comm->size; p++)
+        if (reqs[p] != MPI_REQUEST_NULL) MPI_Cancel(&reqs[p]), MPI_Request_free(&reqs[p]);
+out:
+    free(in);
+    free(reqs);
+}
+
+/* The error of a collective `what` that did not complete: names the members that did not
+ * answer the roll call (the first in the usual words, then the others). */
+static int collective_no_answer(spar_comm *comm, double seconds, const char *what) {
+    comm->failed = 1;
+    double grace = seconds / 2 < 5 ? seconds / 2 : 5;
+    int *answered = calloc((size_t)comm->size, sizeof *answered);
+    if (!answered)
+        return spar_errorf(SPAR_ECOMM, "%s did not complete within %.1f s (comm.timeout)", what,
+                           seconds);
+    roll_call(comm, grace, answered);
+    int first = -1;
+    for (int p = 0; p < comm->size && first < 0; p++)
+        if (!answered[p]) first = p;
+    if (first < 0) {
+        free(answered);
+        return spar_errorf(SPAR_ECOMM,
+                           "%s did not complete within %.1f s (comm.timeout) though every rank "
+                           "answered a roll call; some rank is slower than comm.timeout allows",
+                           what, seconds);
+    }
+    char also[256] = "";
+    for (int p = first + 1, len = 0; p < comm->size && len < (int)sizeof also - 40; p++)
+        if (!answered[p])
+            len += snprintf(also + len, sizeof also - (size_t)len, "%s rank %d (host %s)",
+                            len ? "," : "; nor did", comm->job_rank[p], comm->hosts[p]);
+    free(answered);
+    return spar_errorf(SPAR_ECOMM,
+                       "no answer from rank %d for %.1f s (comm.timeout) while waiting for %s "
+                       "(it did not answer a roll call within %.1f s%s); rank %d (host %s) is "
+                       "stopped, hung, unreachable or slower than comm.timeout allows",
+                       comm->job_rank[first], seconds, what, grace, also, comm->job_rank[first],
+                       comm->hosts[first]);
 }
 
 /* Polls spin briefly (a transfer about to finish), then leave the core to the others. */
@@ -79,8 +152,11 @@ int spar__comm_wait_reqs(spar_comm *comm, MPI_Request *reqs, const int *peer, in
         int rc = MPI_Testsome(n, reqs, &count, done, MPI_STATUSES_IGNORE);
         if (rc != MPI_SUCCESS) return spar__comm_mpi_status(rc, "MPI_Testsome");
         if (count == MPI_UNDEFINED) return SPAR_OK; /* no request left active */
-        if (MPI_Wtime() - start > seconds)
-            return no_answer(comm, first_unfinished(reqs, peer, n), seconds, what);
+        if (MPI_Wtime() - start > seconds) {
+            int who = first_unfinished(reqs, peer, n);
+            return who >= 0 ? no_answer(comm, who, seconds, what)
+                            : collective_no_answer(comm, seconds, what);
+        }
         rest_after(polls);
     }
 }
