@@ -42,10 +42,15 @@ static int verify(spar_comm *comm, const spar_config *cfg, const spar_attn_probl
     spar_partition_init(&whole, SPAR_PARTITION_CONTIGUOUS, n, 1);
     spar_attn_problem local = *prob;
     local.part = &whole;
+    /* On the CPU's kernels even for run.device=cuda: a GPU run is checked against code
+     * that shares nothing with it but the method. */
+    local.kernels = spar_kernels_select(cfg->v[SPAR_KEY_RUN_KERNEL].s);
+    if (!local.kernels) local.kernels = spar_kernels_select("auto");
     double t0 = spar_comm_wtime();
     local.progress_ctx = &t0;
     const spar_method *m = spar_method_find("local");
-    spar_print0("# verify: recomputing the whole sequence on rank 0 (local method)\n");
+    spar_print0("# verify: recomputing the whole sequence on rank 0 (local method, %s kernels)\n",
+                local.kernels->name);
     int rc = spar__tensors_alloc(&ref, n, &local, mine->backward);
     spar_attn_io io = spar__tensors_io(&ref);
     if (rc == 0) rc = spar__tensors_load(NULL, cfg, &whole, &ref);
