@@ -4,7 +4,7 @@
 //
 // Defines: SPAR_CUDA_CHECK, spar__cuda_launched, spar__load, spar__decays,
 //          spar__cuda_smem_optin, spar__cuda_pow, spar__merge_lse, spar__cuda_check_attn,
-//          spar__cuda_check_linear, spar__load_bf16_rows.
+//          spar__cuda_check_linear, spar__load_rows_async.
 #ifndef SPAR_CUDA_COMMON_CUH
 #define SPAR_CUDA_COMMON_CUH
 
@@ -12,6 +12,10 @@
 #include <cuda_runtime.h>
 #include <math.h>
 #include <stdint.h>
+
+// Through the include path, not this folder: the CPU emulation (tests/gpu/emu) puts its own
+// cuda_mma.cuh first.
+#include <cuda_mma.cuh> // defines: spar__cp_async16 and the other warp instructions
 
 extern "C" {
 #include "cuda_kernels.h" // defines: spar_cuda_* (the C interface these files implement)
@@ -37,24 +41,19 @@ __device__ __forceinline__ float spar__load(const __nv_bfloat16 *p, long long i)
     return __bfloat162float(p[i]);
 }
 
-// Rows [row0, row0 + rows) of a bf16 tensor, columns [col0, col0 + d), into a zero-padded
-// [64][DP] tile of shared memory with rows LDH apart; vec: 16-byte loads are aligned.
-template <int DP, int LDH>
-__device__ void spar__load_bf16_rows(__nv_bfloat16 *dst, const __nv_bfloat16 *src, int64_t row0,
-                                     int rows, int64_t stride, int64_t col0, int d, bool vec) {
-    if (vec) { // 8 bf16 per 16-byte load
-        for (int x = threadIdx.x; x < 64 * DP / 8; x += blockDim.x) {
-            int r = x / (DP / 8), c = x % (DP / 8) * 8;
-            uint4 val = make_uint4(0, 0, 0, 0);
-            if (r < rows && c < d) val = *(const uint4 *)(src + (row0 + r) * stride + col0 + c);
-            *(uint4 *)(dst + r * LDH + c) = val;
-        }
-        return;
-    }
-    for (int x = threadIdx.x; x < 64 * DP; x += blockDim.x) {
-        int r = x / DP, c = x % DP;
-        dst[r * LDH + c] =
-            r < rows && c < d ? src[(row0 + r) * stride + col0 + c] : __float2bfloat16(0.0f);
+// Rows [row0, row0 + rows) of a bf16 tensor, columns [col0, col0 + d), as 16-byte
+// asynchronous copies (cuda_mma.cuh) by a block of THREADS threads into an [R][DP] tile of
+// shared memory with rows LD apart, zeros past `rows` and d. d, stride and col0 are
+// multiples of 8 and src is 16-byte aligned; the caller commits and waits.
+template <int DP, int R, int LD, int THREADS>
+__device__ __forceinline__ void spar__load_rows_async(__nv_bfloat16 *dst, const __nv_bfloat16 *src,
+                                                      int64_t row0, int rows, int64_t stride,
+                                                      int64_t col0, int d) {
+    for (int x = threadIdx.x; x < R * DP / 8; x += THREADS) {
+        int r = x / (DP / 8), c = x % (DP / 8) * 8;
+        bool valid = r < rows && c < d;
+        spar__cp_async16(dst + r * LD + c, valid ? src + (row0 + r) * stride + col0 + c : src,
+                         valid);
     }
 }
 

@@ -7,14 +7,14 @@
 // (GQA sums there, no atomics on dk, dv); dq, shared by the key tiles, is accumulated with
 // fp32 atomics. With causal, query tiles that end before the key tile's first position
 // are skipped. No N x N buffer. Two kernels:
-//   bwd_mma   bfloat16, head_dim <= 128 (padded to 64 or 128): tensor cores (wmma, fp32
-//             accumulation) for S = Q K^T, dP = dO V^T, dV += P^T dO, dK += dS^T Q and
-//             dQ = dS K; 64 keys and 4 warps per block, dK and dV in register fragments,
-//             P and dS rounded to bf16 as the operands of the last three products.
-//   bwd_simt  fp32 storage (any head_dim <= 256) and bf16 beyond 128: fp32 arithmetic on
-//             CUDA cores, tiles of 32 rows (16 beyond 128) in shared memory.
+//   bwd_tc    bfloat16, head_dim a multiple of 8 up to 128 (padded to 64 or 128), 16-byte
+//             aligned rows: tensor cores (mma.sync, fp32 accumulation) for S^T = K Q^T,
+//             dP^T = V dO^T, dV += P^T dO, dK += dS^T Q and dQ = dS K; 64 keys and 4
+//             warps per block, dK, dV, scores and probabilities in registers, P and dS
+//             rounded to bf16 as the operands of the last three products.
+//   bwd_simt  everything else (fp32, other head_dims): fp32 arithmetic on CUDA cores,
+//             tiles of 32 rows (16 beyond 128) in shared memory.
 // Also spar_cuda_softmax_bwd_delta, the backward pass's row term.
-#include <mma.h>
 #include <stdint.h>
 
 #include "cuda_common.cuh" // defines: SPAR_CUDA_CHECK, spar__load, spar__cuda_check_attn
@@ -132,184 +132,179 @@ template <typename T, int BT> __global__ void __launch_bounds__(THREADS) bwd_sim
     }
 }
 
-// ---- bwd_mma: bfloat16, head_dim <= 128, tensor cores ---------------------------------
-namespace wmma = nvcuda::wmma;
+// ---- bwd_tc: bfloat16, head_dim a multiple of 8 up to 128, tensor cores -------------
 using bf16 = __nv_bfloat16;
-constexpr int MB = 64, MW = 4; // keys per block (and queries per tile), warps
+constexpr int TC_WARPS = 4, TC_THREADS = 32 * TC_WARPS, TC_BK = 16 * TC_WARPS, TC_BQ = 64;
+constexpr float LOG2E = 1.4426950408889634f;
 
-// Shared memory of bwd_mma: bf16 tiles of Q, dO, K, V; fp32 S and dP (their space is
-// reused to stage the block's dQ rows, and at the end dK and dV); bf16 P and scale * dS;
-// lse, delta and positions of the tiles.
-template <int DP> struct BwdLayout {
-    static constexpr int LDH = DP + 8, LDS = MB + 4, LDP = MB + 8, LDO = DP + 4;
-    static constexpr size_t Q = 0, DO = Q + sizeof(bf16) * MB * LDH,
-                            K = DO + sizeof(bf16) * MB * LDH, V = K + sizeof(bf16) * MB * LDH,
-                            S = V + sizeof(bf16) * MB * LDH, DPS = S + sizeof(float) * MB * LDS,
-                            P = DPS + sizeof(float) * MB * LDS, DS = P + sizeof(bf16) * MB * LDP,
-                            ROW = DS + sizeof(bf16) * MB * LDP, POS = ROW + sizeof(float) * 2 * MB,
-                            BYTES = POS + sizeof(int64_t) * 2 * MB;
-    static_assert(sizeof(float) * MB * LDO <= P - S, "the staging rows fit in S and dP");
+// Shared memory of bwd_tc: bf16 tiles of K, V (the block's keys), Q, dO (the current
+// query tile), rows DP + 8 apart (ldmatrix reads 8 rows in different banks); the block's
+// scale * dS^T in bf16 [keys][queries]; per query: lse in log2 units, delta, position.
+// About 79 KiB at DP = 128: two blocks fit on a multiprocessor.
+template <int DP> struct TcLayout {
+    static constexpr int LD = DP + 8, LDS = TC_BQ + 8;
+    static constexpr size_t K = 0, V = K + sizeof(bf16) * TC_BK * LD,
+                            Q = V + sizeof(bf16) * TC_BK * LD, DO = Q + sizeof(bf16) * TC_BQ * LD,
+                            DS = DO + sizeof(bf16) * TC_BQ * LD,
+                            LSE = DS + sizeof(bf16) * TC_BK * LDS, DELTA = LSE + 4 * TC_BQ,
+                            QPOS = DELTA + 4 * TC_BQ, BYTES = QPOS + 8 * TC_BQ;
 };
 
-using Acc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
-
-// S = Q K^T and dP = dO V^T for this warp's 16 query rows, into fp32 shared memory.
-template <int DP> __device__ void scores(unsigned char *raw, int warp) {
-    using L = BwdLayout<DP>;
-    const bf16 *qs = (const bf16 *)(raw + L::Q), *dos = (const bf16 *)(raw + L::DO);
-    const bf16 *ks = (const bf16 *)(raw + L::K), *vs = (const bf16 *)(raw + L::V);
-    float *ss = (float *)(raw + L::S), *dps = (float *)(raw + L::DPS);
-#pragma unroll
-    for (int nt = 0; nt < MB / 16; nt++) {
-        Acc sf, pf;
-        wmma::fill_fragment(sf, 0.0f);
-        wmma::fill_fragment(pf, 0.0f);
-#pragma unroll
-        for (int kt = 0; kt < DP / 16; kt++) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> qa, da;
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> kb, vb;
-            wmma::load_matrix_sync(qa, qs + warp * 16 * L::LDH + kt * 16, L::LDH);
-            wmma::load_matrix_sync(kb, ks + nt * 16 * L::LDH + kt * 16, L::LDH);
-            wmma::mma_sync(sf, qa, kb, sf);
-            wmma::load_matrix_sync(da, dos + warp * 16 * L::LDH + kt * 16, L::LDH);
-            wmma::load_matrix_sync(vb, vs + nt * 16 * L::LDH + kt * 16, L::LDH);
-            wmma::mma_sync(pf, da, vb, pf);
-        }
-        wmma::store_matrix_sync(ss + warp * 16 * L::LDS + nt * 16, sf, L::LDS, wmma::mem_row_major);
-        wmma::store_matrix_sync(dps + warp * 16 * L::LDS + nt * 16, pf, L::LDS,
-                                wmma::mem_row_major);
-    }
-}
-
-// P and scale * dS in bf16 for this warp's 16 rows: 2 lanes per row, 32 columns each.
-template <int DP> __device__ void probs(const BwdArgs &a, unsigned char *raw, int klen, int warp) {
-    using L = BwdLayout<DP>;
-    const float *ss = (const float *)(raw + L::S), *dps = (const float *)(raw + L::DPS);
-    const float *lse_s = (const float *)(raw + L::ROW), *delta_s = lse_s + MB;
-    const int64_t *qpos_s = (const int64_t *)(raw + L::POS), *kpos_s = qpos_s + MB;
-    bf16 *ps = (bf16 *)(raw + L::P), *dss = (bf16 *)(raw + L::DS);
-    const int lane = threadIdx.x % 32, r = warp * 16 + lane / 2, c0 = lane % 2 * 32;
-    for (int c = c0; c < c0 + 32; c++) {
-        bool seen = c < klen && lse_s[r] != -INFINITY && (!a.causal || kpos_s[c] <= qpos_s[r]);
-        float p = seen ? expf(a.scale * ss[r * L::LDS + c] - lse_s[r]) : 0.0f;
-        ps[r * L::LDP + c] = __float2bfloat16(p);
-        dss[r * L::LDP + c] = __float2bfloat16(a.scale * p * (dps[r * L::LDS + c] - delta_s[r]));
-    }
-}
-
-// dQ of this warp's 16 query rows, (scale dS) K, staged in fp32 and added to dq.
+// dQ of this warp's 16 queries += (scale dS) K over the block's keys, 32 columns at a
+// time, added to dq with fp32 atomics (the other key blocks add theirs).
 template <int DP>
-__device__ void add_dq(const BwdArgs &a, unsigned char *raw, int64_t i0, int qlen, int h,
-                       int warp) {
-    using L = BwdLayout<DP>;
-    const bf16 *ks = (const bf16 *)(raw + L::K), *dss = (const bf16 *)(raw + L::DS);
-    float *stage = (float *)(raw + L::S) + warp * 16 * L::LDO;
+__device__ void tc_add_dq(const BwdArgs &a, const unsigned char *raw, int64_t i0, int qlen, int h) {
+    using L = TcLayout<DP>;
+    const bf16 *ks = (const bf16 *)(raw + L::K), *ds = (const bf16 *)(raw + L::DS);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 #pragma unroll
-    for (int ct = 0; ct < DP / 16; ct++) {
-        Acc qf;
-        wmma::fill_fragment(qf, 0.0f);
+    for (int c0 = 0; c0 < DP; c0 += 32) {
+        float dq[4][4] = {};
 #pragma unroll
-        for (int kt = 0; kt < MB / 16; kt++) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> sa;
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> kb;
-            wmma::load_matrix_sync(sa, dss + warp * 16 * L::LDP + kt * 16, L::LDP);
-            wmma::load_matrix_sync(kb, ks + kt * 16 * L::LDH + ct * 16, L::LDH);
-            wmma::mma_sync(qf, sa, kb, qf);
-        }
-        wmma::store_matrix_sync(stage + ct * 16, qf, L::LDO, wmma::mem_row_major);
-    }
-    __syncwarp();
-    for (int x = threadIdx.x % 32; x < 16 * a.d; x += 32) {
-        int rr = x / a.d, c = x - rr * a.d;
-        if (warp * 16 + rr < qlen)
-            atomicAdd(a.dq + (i0 + warp * 16 + rr) * a.stride_q + (int64_t)h * a.d + c,
-                      stage[rr * L::LDO + c]);
-    }
-}
-
-// dK or dV of this warp's 16 keys, from fragments through the staging rows, added to out.
-template <int DP>
-__device__ void add_dkv(const BwdArgs &a, unsigned char *raw, const Acc *acc, float *out,
-                        int64_t j0, int klen, int warp) {
-    using L = BwdLayout<DP>;
-    float *stage = (float *)(raw + L::S) + warp * 16 * L::LDO;
-    __syncwarp();
+        for (int kk = 0; kk < TC_BK / 16; kk++) {
+            uint32_t sa[4], b[4]; // dS rows of these queries: dS^T read transposed
+            spar__ldsm_x4_t(sa, ds + (kk * 16 + lane % 8 + lane / 16 * 8) * L::LDS + warp * 16 +
+                                    lane / 8 % 2 * 8);
 #pragma unroll
-    for (int ct = 0; ct < DP / 16; ct++)
-        wmma::store_matrix_sync(stage + ct * 16, acc[ct], L::LDO, wmma::mem_row_major);
-    __syncwarp();
-    for (int x = threadIdx.x % 32; x < 16 * a.d; x += 32) {
-        int rr = x / a.d, c = x - rr * a.d;
-        if (warp * 16 + rr < klen)
-            out[(j0 + warp * 16 + rr) * a.stride_kv + (int64_t)blockIdx.y * a.d + c] +=
-                stage[rr * L::LDO + c];
-    }
-}
-
-// One thread block per (64 keys, kv head), 4 warps: warp w owns query rows 16w.. of S, dP
-// and dQ, and key rows 16w.. of dK and dV, whose fragments stay in registers throughout.
-template <int DP> __global__ void __launch_bounds__(MW * 32) bwd_mma(BwdArgs a) {
-    using L = BwdLayout<DP>;
-    extern __shared__ __align__(128) unsigned char raw[];
-    bf16 *qs = (bf16 *)(raw + L::Q), *dos = (bf16 *)(raw + L::DO);
-    bf16 *ks = (bf16 *)(raw + L::K), *vs = (bf16 *)(raw + L::V);
-    const bf16 *ps = (const bf16 *)(raw + L::P), *dss = (const bf16 *)(raw + L::DS);
-    float *lse_s = (float *)(raw + L::ROW), *delta_s = lse_s + MB;
-    int64_t *qpos_s = (int64_t *)(raw + L::POS), *kpos_s = qpos_s + MB;
-    const int warp = threadIdx.x / 32, d = a.d, g = blockIdx.y, per = a.heads / a.kv_heads;
-    const int64_t j0 = (int64_t)blockIdx.x * MB;
-    const int klen = a.nk - j0 < MB ? (int)(a.nk - j0) : MB;
-    spar__load_bf16_rows<DP, L::LDH>(ks, (const bf16 *)a.k, j0, klen, a.stride_kv, (int64_t)g * d,
-                                     d, a.vec);
-    spar__load_bf16_rows<DP, L::LDH>(vs, (const bf16 *)a.v, j0, klen, a.stride_kv, (int64_t)g * d,
-                                     d, a.vec);
-    if (threadIdx.x < MB)
-        kpos_s[threadIdx.x] = a.causal && threadIdx.x < klen ? a.kpos[j0 + threadIdx.x] : 0;
-    const int64_t kfirst = a.causal ? a.kpos[j0] : 0;
-    Acc dk[DP / 16], dv[DP / 16];
-#pragma unroll
-    for (int ct = 0; ct < DP / 16; ct++)
-        wmma::fill_fragment(dk[ct], 0.0f), wmma::fill_fragment(dv[ct], 0.0f);
-    for (int h = g * per; h < (g + 1) * per; h++) {
-        for (int64_t i0 = 0; i0 < a.nq; i0 += MB) {
-            const int qlen = a.nq - i0 < MB ? (int)(a.nq - i0) : MB;
-            if (a.causal && a.qpos[i0 + qlen - 1] < kfirst) continue;
-            __syncthreads(); // the previous tile's Q, dO, P, dS and staging are free
-            spar__load_bf16_rows<DP, L::LDH>(qs, (const bf16 *)a.q, i0, qlen, a.stride_q,
-                                             (int64_t)h * d, d, a.vec);
-            spar__load_bf16_rows<DP, L::LDH>(dos, (const bf16 *)a.dout, i0, qlen, a.stride_q,
-                                             (int64_t)h * d, d, a.vec);
-            if (threadIdx.x < MB) {
-                int r = threadIdx.x;
-                lse_s[r] = r < qlen ? a.lse[(i0 + r) * a.stride_lse + h] : -INFINITY;
-                delta_s[r] = r < qlen ? a.delta[(i0 + r) * a.stride_lse + h] : 0.0f;
-                qpos_s[r] = a.causal && r < qlen ? a.qpos[i0 + r] : -1;
+            for (int t = 0; t < 4; t += 2) {
+                spar__ldsm_x4_t(b, ks + (kk * 16 + lane % 16) * L::LD + c0 + t * 8 + lane / 16 * 8);
+                spar__mma_bf16(dq[t], sa, b[0], b[1]);
+                spar__mma_bf16(dq[t + 1], sa, b[2], b[3]);
             }
+        }
+#pragma unroll
+        for (int t = 0; t < 4; t++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int row = warp * 16 + lane / 4 + 8 * (e / 2),
+                    col = c0 + t * 8 + 2 * (lane % 4) + e % 2;
+                if (row < qlen && col < a.d)
+                    atomicAdd(a.dq + (i0 + row) * a.stride_q + (int64_t)h * a.d + col, dq[t][e]);
+            }
+    }
+}
+
+// One thread block per (64 keys, kv head), 4 warps, warp w owning keys 16w..16w+15: it
+// keeps their dK and dV in fp32 registers and walks the query tiles of every query head
+// of the group. Per tile, S^T = K Q^T and dP^T = V dO^T (keys as rows, so that P^T and
+// dS^T come out as the A operands of dV += P^T dO and dK += dS^T Q without leaving
+// registers); dS^T then goes to shared memory for dQ = dS K, read back transposed.
+template <int DP> __global__ void __launch_bounds__(TC_THREADS) bwd_tc(BwdArgs a) {
+    using L = TcLayout<DP>;
+    constexpr int LD = L::LD, KT = DP / 16, NT = TC_BQ / 8, OT = DP / 8;
+    extern __shared__ __align__(128) unsigned char raw[];
+    bf16 *ks = (bf16 *)(raw + L::K), *vs = (bf16 *)(raw + L::V), *qs = (bf16 *)(raw + L::Q);
+    bf16 *dos = (bf16 *)(raw + L::DO), *ds = (bf16 *)(raw + L::DS);
+    float *lse_s = (float *)(raw + L::LSE), *delta_s = (float *)(raw + L::DELTA);
+    int64_t *qpos_s = (int64_t *)(raw + L::QPOS);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, d = a.d, g = blockIdx.y;
+    const int per = a.heads / a.kv_heads;
+    const int64_t j0 = (int64_t)blockIdx.x * TC_BK;
+    const int klen = a.nk - j0 < TC_BK ? (int)(a.nk - j0) : TC_BK;
+    const float scale_log2 = a.scale * LOG2E;
+    spar__load_rows_async<DP, TC_BK, LD, TC_THREADS>(ks, (const bf16 *)a.k, j0, klen, a.stride_kv,
+                                                     (int64_t)g * d, d);
+    spar__load_rows_async<DP, TC_BK, LD, TC_THREADS>(vs, (const bf16 *)a.v, j0, klen, a.stride_kv,
+                                                     (int64_t)g * d, d);
+    spar__cp_async_commit();
+    // This lane's two keys (rows r and r + 8 of the warp's 16) and their positions. Keys
+    // past klen are masked: their zero rows would give p = exp(-lse), which may overflow.
+    const int krow = warp * 16 + lane / 4;
+    const bool kin[2] = {krow < klen, krow + 8 < klen};
+    int64_t kp[2] = {0, 0};
+    if (a.causal)
+        for (int r = 0; r < 2; r++)
+            if (kin[r]) kp[r] = a.kpos[j0 + krow + 8 * r];
+    const int64_t kfirst = a.causal ? a.kpos[j0] : 0;
+    float dk[OT][4] = {}, dv[OT][4] = {};
+    for (int h = g * per; h < (g + 1) * per; h++) {
+        for (int64_t i0 = 0; i0 < a.nq; i0 += TC_BQ) {
+            const int qlen = a.nq - i0 < TC_BQ ? (int)(a.nq - i0) : TC_BQ;
+            if (a.causal && a.qpos[i0 + qlen - 1] < kfirst) continue; // sees none of these keys
+            __syncthreads(); // the previous tile's Q, dO and dS are no longer read
+            spar__load_rows_async<DP, TC_BQ, LD, TC_THREADS>(qs, (const bf16 *)a.q, i0, qlen,
+                                                             a.stride_q, (int64_t)h * d, d);
+            spar__load_rows_async<DP, TC_BQ, LD, TC_THREADS>(dos, (const bf16 *)a.dout, i0, qlen,
+                                                             a.stride_q, (int64_t)h * d, d);
+            spar__cp_async_commit();
+            if (threadIdx.x < TC_BQ) { // padding rows and queries that saw no key: p = 0
+                int r = threadIdx.x;
+                float lse = r < qlen ? a.lse[(i0 + r) * a.stride_lse + h] : -INFINITY;
+                lse_s[r] = lse == -INFINITY ? INFINITY : lse * LOG2E;
+                delta_s[r] = r < qlen ? a.delta[(i0 + r) * a.stride_lse + h] : 0.0f;
+                qpos_s[r] = a.causal && r < qlen ? a.qpos[i0 + r] : INT64_MAX;
+            }
+            spar__cp_async_wait<0>();
             __syncthreads();
-            scores<DP>(raw, warp);
-            __syncwarp();
-            probs<DP>(a, raw, klen, warp);
-            __syncthreads(); // dK and dV read every warp's rows of P and dS
+
+            float st[NT][4] = {}, dpt[NT][4] = {}; // S^T, dP^T: 16 keys x 64 queries
 #pragma unroll
-            for (int kt = 0; kt < MB / 16; kt++) { // dV += P^T dO, dK += (scale dS)^T Q
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::col_major> pt, st;
-                wmma::load_matrix_sync(pt, ps + kt * 16 * L::LDP + warp * 16, L::LDP);
-                wmma::load_matrix_sync(st, dss + kt * 16 * L::LDP + warp * 16, L::LDP);
+            for (int kt = 0; kt < KT; kt++) {
+                uint32_t ka[4], va[4], b[4];
+                spar__ldsm_x4(ka, ks + (warp * 16 + lane % 16) * LD + kt * 16 + lane / 16 * 8);
+                spar__ldsm_x4(va, vs + (warp * 16 + lane % 16) * LD + kt * 16 + lane / 16 * 8);
 #pragma unroll
-                for (int ct = 0; ct < DP / 16; ct++) {
-                    wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> ob, qb;
-                    wmma::load_matrix_sync(ob, dos + kt * 16 * L::LDH + ct * 16, L::LDH);
-                    wmma::mma_sync(dv[ct], pt, ob, dv[ct]);
-                    wmma::load_matrix_sync(qb, qs + kt * 16 * L::LDH + ct * 16, L::LDH);
-                    wmma::mma_sync(dk[ct], st, qb, dk[ct]);
+                for (int t = 0; t < NT; t += 2) {
+                    const int at =
+                        (t * 8 + lane % 8 + lane / 16 * 8) * LD + kt * 16 + lane / 8 % 2 * 8;
+                    spar__ldsm_x4(b, qs + at);
+                    spar__mma_bf16(st[t], ka, b[0], b[1]);
+                    spar__mma_bf16(st[t + 1], ka, b[2], b[3]);
+                    spar__ldsm_x4(b, dos + at);
+                    spar__mma_bf16(dpt[t], va, b[0], b[1]);
+                    spar__mma_bf16(dpt[t + 1], va, b[2], b[3]);
                 }
             }
-            add_dq<DP>(a, raw, i0, qlen, h, warp);
+#pragma unroll
+            for (int t = 0; t < NT; t++) // P^T and scale dS^T
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    int q = t * 8 + 2 * (lane % 4) + e % 2;
+                    float p = exp2f(st[t][e] * scale_log2 - lse_s[q]);
+                    if (!kin[e / 2] || (a.causal && kp[e / 2] > qpos_s[q])) p = 0.0f;
+                    st[t][e] = p;
+                    dpt[t][e] = a.scale * p * (dpt[t][e] - delta_s[q]);
+                }
+#pragma unroll
+            for (int kk = 0; kk < TC_BQ / 16; kk++) { // dV += P^T dO, dK += dS^T Q
+                uint32_t pa[4] = {spar__pack_bf16(st[2 * kk][0], st[2 * kk][1]),
+                                  spar__pack_bf16(st[2 * kk][2], st[2 * kk][3]),
+                                  spar__pack_bf16(st[2 * kk + 1][0], st[2 * kk + 1][1]),
+                                  spar__pack_bf16(st[2 * kk + 1][2], st[2 * kk + 1][3])};
+                uint32_t sa[4] = {spar__pack_bf16(dpt[2 * kk][0], dpt[2 * kk][1]),
+                                  spar__pack_bf16(dpt[2 * kk][2], dpt[2 * kk][3]),
+                                  spar__pack_bf16(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]),
+                                  spar__pack_bf16(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3])};
+                // dS^T of these 16 queries to shared memory for dQ (rows r and r + 8)
+                uint32_t *dsw = (uint32_t *)(ds + krow * L::LDS + kk * 16 + 2 * (lane % 4));
+                dsw[0] = sa[0], dsw[4] = sa[2];
+                dsw[8 * L::LDS / 2] = sa[1], dsw[8 * L::LDS / 2 + 4] = sa[3];
+#pragma unroll
+                for (int t = 0; t < OT; t += 2) {
+                    const int at = (kk * 16 + lane % 16) * LD + t * 8 + lane / 16 * 8;
+                    uint32_t b[4];
+                    spar__ldsm_x4_t(b, dos + at);
+                    spar__mma_bf16(dv[t], pa, b[0], b[1]);
+                    spar__mma_bf16(dv[t + 1], pa, b[2], b[3]);
+                    spar__ldsm_x4_t(b, qs + at);
+                    spar__mma_bf16(dk[t], sa, b[0], b[1]);
+                    spar__mma_bf16(dk[t + 1], sa, b[2], b[3]);
+                }
+            }
+            __syncthreads(); // every warp's dS^T rows are in
+            tc_add_dq<DP>(a, raw, i0, qlen, h);
         }
     }
-    __syncthreads(); // the staging rows are free
-    add_dkv<DP>(a, raw, dk, a.dk, j0, klen, warp);
-    add_dkv<DP>(a, raw, dv, a.dv, j0, klen, warp);
+    spar__cp_async_wait<0>(); // K and V landed even where no query tile was seen
+#pragma unroll
+    for (int t = 0; t < OT; t++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            int row = krow + 8 * (e / 2), col = t * 8 + 2 * (lane % 4) + e % 2;
+            if (row >= klen || col >= d) continue;
+            int64_t at = (j0 + row) * a.stride_kv + (int64_t)g * d + col;
+            a.dk[at] += dk[t][e], a.dv[at] += dv[t][e];
+        }
 }
 
 template <typename T>
@@ -331,11 +326,11 @@ template <typename T, int BT> int launch(const BwdArgs &a, cudaStream_t stream) 
     return SPAR_OK;
 }
 
-template <int DP> int launch_mma(const BwdArgs &a, cudaStream_t stream) {
-    size_t smem = BwdLayout<DP>::BYTES;
-    SPAR_TRY(spar__cuda_smem_optin(bwd_mma<DP>, smem));
-    dim3 grid((unsigned)((a.nk + MB - 1) / MB), (unsigned)a.kv_heads);
-    bwd_mma<DP><<<grid, MW * 32, smem, stream>>>(a);
+template <int DP> int launch_tc(const BwdArgs &a, cudaStream_t stream) {
+    size_t smem = TcLayout<DP>::BYTES;
+    SPAR_TRY(spar__cuda_smem_optin(bwd_tc<DP>, smem));
+    dim3 grid((unsigned)((a.nk + TC_BK - 1) / TC_BK), (unsigned)a.kv_heads);
+    bwd_tc<DP><<<grid, TC_THREADS, smem, stream>>>(a);
     spar__cuda_launched();
     return SPAR_OK;
 }
@@ -360,8 +355,8 @@ extern "C" int spar_cuda_softmax_bwd(const spar_attn_dims *dims, bool causal, sp
     bool wide = a.d > 128;
     if (dtype == SPAR_CUDA_F32)
         return wide ? launch<float, 16>(a, stream) : launch<float, 32>(a, stream);
-    if (!wide) return a.d <= 64 ? launch_mma<64>(a, stream) : launch_mma<128>(a, stream);
-    return launch<__nv_bfloat16, 16>(a, stream);
+    if (a.vec && !wide) return a.d <= 64 ? launch_tc<64>(a, stream) : launch_tc<128>(a, stream);
+    return wide ? launch<__nv_bfloat16, 16>(a, stream) : launch<__nv_bfloat16, 32>(a, stream);
 }
 
 extern "C" int spar_cuda_softmax_bwd_delta(int64_t n, int heads, int head_dim,

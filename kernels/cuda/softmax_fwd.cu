@@ -5,20 +5,18 @@
 // key tiles after the tile's last query are never loaded.
 //
 // Two kernels:
-//   fwd_mma   bfloat16 storage, head_dim <= 128 (padded to 64 or 128): tensor cores
-//             (nvcuda::wmma 16x16x16, fp32 accumulation) for S = Q K^T and O += P V.
-//             A thread block is 4 warps and 64 queries of one head; each warp owns 16
-//             query rows; Q fragments and the fp32 O accumulators stay in registers
-//             (rows rescaled per key tile through a probed map of the fragment layout),
-//             K and V tiles of 64 keys are staged in shared memory.
+//   fwd_tc    bfloat16 storage, head_dim a multiple of 8 up to 128 (padded to 64 or 128),
+//             16-byte aligned rows: tensor cores (mma.sync m16n8k16, fp32 accumulation)
+//             for S = Q K^T and O += P V, scores and probabilities in registers, K/V
+//             tiles copied asynchronously one stage ahead (details at the kernel).
 //   fwd_simt  everything else (fp32 storage, any head_dim <= 256, templated on 64, 128
 //             and 256 columns): 64 queries per block, 4 threads per query row, each
 //             owning every 4th column of q and of the output in registers; key tiles of
 //             32 rows in shared memory, scores reduced across the 4 threads by shuffles.
-#include <mma.h>
 #include <stdint.h>
 
-#include "cuda_common.cuh" // defines: SPAR_CUDA_CHECK, spar__load, spar__merge_lse
+#include "cuda_common.cuh" // defines: SPAR_CUDA_CHECK, spar__load, spar__merge_lse,
+                           //          spar__load_rows_async, the cuda_mma.cuh instructions
 
 namespace {
 
@@ -115,154 +113,173 @@ template <typename T, int DMAX> __global__ void __launch_bounds__(SQ *LANES) fwd
     if (sub == 0) *lp = lse;
 }
 
-// ---- fwd_mma ------------------------------------------------------------------------
-namespace wmma = nvcuda::wmma;
+// ---- fwd_tc -------------------------------------------------------------------------
 using bf16 = __nv_bfloat16;
-constexpr int MQ = 64, MK = 64, WARPS = 4; // queries per block, keys per tile, warps
+constexpr int TC_WARPS = 4, TC_BQ = 16 * TC_WARPS, TC_BK = 64; // queries, keys per tile
 
-// Shared memory of fwd_mma, rows padded against bank conflicts. P (bf16 probabilities)
-// reuses Q's space (Q is read into fragments once, before the first key tile); at the
-// end O is staged in fp32 where K and V were. About 70 KiB at DP = 128: three blocks fit
-// on an sm_90 multiprocessor.
-template <int DP> struct MmaLayout {
-    static constexpr int LDH = DP + 8, LDS = MK + 4, LDP = MK + 8, LDO = DP + 4;
-    static constexpr size_t Q = 0, P = 0, K = Q + sizeof(bf16) * MQ * LDH, O = K,
-                            V = K + sizeof(bf16) * MK * LDH, S = V + sizeof(bf16) * MK * LDH,
-                            ROW = S + sizeof(float) * MQ * LDS, POS = ROW + sizeof(float) * 3 * MQ,
-                            BYTES = POS + sizeof(int64_t) * (MQ + MK);
-    static_assert(sizeof(bf16) * MQ * LDP <= K - Q, "P fits in Q's space");
-    static_assert(sizeof(float) * MQ * LDO <= S - K, "O fits in K's and V's space");
+// Shared memory of fwd_tc: the Q tile, then two stages of a K tile and a V tile, rows
+// DP + 8 bf16 apart so that the 8 rows one ldmatrix reads fall in different banks. About
+// 85 KiB at DP = 128: two blocks fit on a multiprocessor.
+template <int DP> struct TcLayout {
+    static constexpr int LD = DP + 8;
+    static constexpr size_t Q = 0, KV = Q + sizeof(bf16) * TC_BQ * LD,
+                            STAGE = sizeof(bf16) * 2 * TC_BK * LD, BYTES = KV + 2 * STAGE;
 };
 
-// One warp's online-softmax step on its 16 rows of scores: masks, new maxima, P in bf16,
-// and the factor each row's output must be rescaled by (rowc).
-template <int DP> __device__ void softmax_rows(const FwdArgs &a, unsigned char *raw, int klen) {
-    using L = MmaLayout<DP>;
-    float *ss = (float *)(raw + L::S), *rowm = (float *)(raw + L::ROW);
-    float *rowl = rowm + MQ, *rowc = rowl + MQ;
-    bf16 *ps = (bf16 *)(raw + L::P);
-    const int64_t *qpos_s = (const int64_t *)(raw + L::POS), *kpos_s = qpos_s + MQ;
-    const int lane = threadIdx.x % 32, r = threadIdx.x / 32 * 16 + lane / 2, c0 = lane % 2 * 32;
-    float *srow = ss + r * L::LDS, mt = rowm[r], psum = 0.0f;
-    for (int c = c0; c < c0 + 32; c++) {
-        bool seen = c < klen && (!a.causal || kpos_s[c] <= qpos_s[r]);
-        srow[c] = seen ? srow[c] * a.scale_log2 : -INFINITY;
-        mt = fmaxf(mt, srow[c]);
-    }
-    mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, 1));
-    for (int c = c0; c < c0 + 32; c++) {
-        float p = mt == -INFINITY ? 0.0f : exp2f(srow[c] - mt);
-        psum += p;
-        ps[r * L::LDP + c] = __float2bfloat16(p);
-    }
-    psum += __shfl_xor_sync(0xffffffffu, psum, 1);
-    if (c0 == 0) {
-        float corr = mt == -INFINITY ? 1.0f : exp2f(rowm[r] - mt);
-        rowl[r] = rowl[r] * corr + psum, rowc[r] = corr;
-        if (mt != -INFINITY) rowm[r] = mt;
-    }
-}
-
-using Acc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
-
-// Which row of its 16 x 16 tile each element of this lane's accumulator fragment holds:
-// wmma does not document the layout, so each warp loads a tile of row numbers once.
-__device__ void probe_rows(Acc &rows, float *scratch, int ld) {
-    for (int x = threadIdx.x % 32; x < 256; x += 32)
-        scratch[x / 16 * ld + x % 16] = (float)(x / 16);
-    __syncwarp();
-    wmma::load_matrix_sync(rows, scratch, ld, wmma::mem_row_major);
-    __syncwarp();
-}
-
-template <int DP> __global__ void __launch_bounds__(WARPS * 32) fwd_mma(FwdArgs a) {
-    using L = MmaLayout<DP>;
+// bfloat16 storage, d a multiple of 8 up to DP (64 or 128), 16-byte aligned rows. A block
+// is 4 warps and 64 queries of one head; each warp owns 16 query rows, whose Q fragments,
+// scores, probabilities and fp32 output stay in registers (cuda_mma.cuh: a score tile
+// packed to bf16 is the A operand of P V). K and V tiles of 64 keys are copied
+// asynchronously into one stage while the warps compute on the other.
+template <int DP> __global__ void __launch_bounds__(TC_WARPS * 32) fwd_tc(FwdArgs a) {
+    using L = TcLayout<DP>;
+    constexpr int LD = L::LD, KT = DP / 16, NT = TC_BK / 8, OT = DP / 8;
     extern __shared__ __align__(128) unsigned char raw[];
-    bf16 *qs = (bf16 *)(raw + L::Q), *ks = (bf16 *)(raw + L::K), *vs = (bf16 *)(raw + L::V);
-    float *ss = (float *)(raw + L::S), *os = (float *)(raw + L::O), *rowm = (float *)(raw + L::ROW);
-    float *rowl = rowm + MQ, *rowc = rowl + MQ;
-    bf16 *ps = (bf16 *)(raw + L::P);
-    int64_t *qpos_s = (int64_t *)(raw + L::POS), *kpos_s = qpos_s + MQ;
-    const int warp = threadIdx.x / 32, d = a.d;
+    __shared__ int64_t kpos_s[2][TC_BK];
+    bf16 *qs = (bf16 *)(raw + L::Q);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, d = a.d;
     const int h = blockIdx.y, g = h / (a.heads / a.kv_heads);
-    const int64_t i0 = (int64_t)blockIdx.x * MQ;
-    const int qlen = a.nq - i0 < MQ ? (int)(a.nq - i0) : MQ;
-    spar__load_bf16_rows<DP, L::LDH>(qs, (const bf16 *)a.q, i0, qlen, a.stride_q, (int64_t)h * d, d,
-                                     a.vec);
-    if (threadIdx.x < MQ) {
-        rowm[threadIdx.x] = -INFINITY, rowl[threadIdx.x] = 0.0f;
-        qpos_s[threadIdx.x] = a.causal && threadIdx.x < qlen ? a.qpos[i0 + threadIdx.x] : -1;
-    }
-    Acc rows, of[DP / 16]; // O of this warp's 16 rows stays in registers
-    probe_rows(rows, ss + warp * 16 * L::LDS, L::LDS);
-#pragma unroll
-    for (int ct = 0; ct < DP / 16; ct++)
-        wmma::fill_fragment(of[ct], 0.0f);
-    __syncthreads();
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> qf[DP / 16];
-#pragma unroll
-    for (int kt = 0; kt < DP / 16; kt++)
-        wmma::load_matrix_sync(qf[kt], qs + warp * 16 * L::LDH + kt * 16, L::LDH);
+    const int64_t i0 = (int64_t)blockIdx.x * TC_BQ;
+    const int qlen = a.nq - i0 < TC_BQ ? (int)(a.nq - i0) : TC_BQ;
+    const bf16 *k = (const bf16 *)a.k, *v = (const bf16 *)a.v;
     const int64_t qlast = a.causal ? a.qpos[i0 + qlen - 1] : 0;
-    for (int64_t j0 = 0; j0 < a.nk; j0 += MK) {
-        if (a.causal && a.kpos[j0] > qlast) break;
-        const int klen = a.nk - j0 < MK ? (int)(a.nk - j0) : MK;
-        __syncthreads(); // every warp is done with the previous K, V tile (and with Q)
-        spar__load_bf16_rows<DP, L::LDH>(ks, (const bf16 *)a.k, j0, klen, a.stride_kv,
-                                         (int64_t)g * d, d, a.vec);
-        spar__load_bf16_rows<DP, L::LDH>(vs, (const bf16 *)a.v, j0, klen, a.stride_kv,
-                                         (int64_t)g * d, d, a.vec);
-        if (threadIdx.x < MK)
-            kpos_s[threadIdx.x] = a.causal && threadIdx.x < klen ? a.kpos[j0 + threadIdx.x] : 0;
-        __syncthreads();
-#pragma unroll
-        for (int nt = 0; nt < MK / 16; nt++) { // S = Q K^T, this warp's 16 rows
-            Acc sf;
-            wmma::fill_fragment(sf, 0.0f);
-#pragma unroll
-            for (int kt = 0; kt < DP / 16; kt++) {
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> kf;
-                wmma::load_matrix_sync(kf, ks + nt * 16 * L::LDH + kt * 16, L::LDH);
-                wmma::mma_sync(sf, qf[kt], kf, sf);
-            }
-            wmma::store_matrix_sync(ss + warp * 16 * L::LDS + nt * 16, sf, L::LDS,
-                                    wmma::mem_row_major);
-        }
-        __syncwarp();
-        softmax_rows<DP>(a, raw, klen);
-        __syncwarp();
-#pragma unroll
-        for (int ct = 0; ct < DP / 16; ct++) { // O = O * corr + P V
-            for (int e = 0; e < of[ct].num_elements; e++)
-                of[ct].x[e] *= rowc[warp * 16 + (int)rows.x[e]];
-#pragma unroll
-            for (int kt = 0; kt < MK / 16; kt++) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> pf;
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> vf;
-                wmma::load_matrix_sync(pf, ps + warp * 16 * L::LDP + kt * 16, L::LDP);
-                wmma::load_matrix_sync(vf, vs + kt * 16 * L::LDH + ct * 16, L::LDH);
-                wmma::mma_sync(of[ct], pf, vf, of[ct]);
-            }
-        }
+    // This lane's two rows (r, r + 8 of the warp's 16) and their positions.
+    const int row0 = warp * 16 + lane / 4;
+    int64_t qp[2] = {0, 0}, qfirst = 0;
+    if (a.causal) {
+        qp[0] = a.qpos[i0 + (row0 < qlen ? row0 : qlen - 1)];
+        qp[1] = a.qpos[i0 + (row0 + 8 < qlen ? row0 + 8 : qlen - 1)];
+        qfirst = a.qpos[i0 + (warp * 16 < qlen ? warp * 16 : qlen - 1)];
     }
-    __syncthreads(); // K and V are free: O goes there
+    auto load_kv = [&](int stage, int64_t j0) {
+        bf16 *ks = (bf16 *)(raw + L::KV + stage * L::STAGE), *vs = ks + TC_BK * LD;
+        int klen = a.nk - j0 < TC_BK ? (int)(a.nk - j0) : TC_BK;
+        spar__load_rows_async<DP, TC_BK, LD, TC_WARPS * 32>(ks, k, j0, klen, a.stride_kv,
+                                                            (int64_t)g * d, d);
+        spar__load_rows_async<DP, TC_BK, LD, TC_WARPS * 32>(vs, v, j0, klen, a.stride_kv,
+                                                            (int64_t)g * d, d);
+        if (threadIdx.x < TC_BK)
+            kpos_s[stage][threadIdx.x] =
+                a.causal && threadIdx.x < klen ? a.kpos[j0 + threadIdx.x] : INT64_MAX;
+    };
+    spar__load_rows_async<DP, TC_BQ, LD, TC_WARPS * 32>(qs, (const bf16 *)a.q, i0, qlen, a.stride_q,
+                                                        (int64_t)h * d, d);
+    load_kv(0, 0);
+    spar__cp_async_commit();
+
+    uint32_t qf[KT][4];
+    float o[OT][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
 #pragma unroll
-    for (int ct = 0; ct < DP / 16; ct++)
-        wmma::store_matrix_sync(os + warp * 16 * L::LDO + ct * 16, of[ct], L::LDO,
-                                wmma::mem_row_major);
-    __syncthreads();
-    // Merge into the running partial: 2 threads per query row, alternate columns.
-    const int r = threadIdx.x / 2, half = threadIdx.x % 2;
-    if (r >= qlen || rowl[r] == 0.0f) return;
-    const int64_t i = i0 + r;
-    float *orow = a.o + i * a.stride_q + (int64_t)h * d, *lp = a.lse + i * a.stride_lse + h;
-    float la = *lp, wa, wb;
-    __syncwarp(0x3u << (threadIdx.x & 30));
-    float lse = spar__merge_lse(la, (rowm[r] + log2f(rowl[r])) * LN2, &wa, &wb);
-    wb /= rowl[r];
-    for (int c = half; c < d; c += 2)
-        orow[c] = wa * orow[c] + wb * os[r * L::LDO + c];
-    if (half == 0) *lp = lse;
+    for (int t = 0; t < OT; t++)
+        o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.0f;
+    for (int64_t j0 = 0, stage = 0;; j0 += TC_BK, stage ^= 1) {
+        const bool more = j0 + TC_BK < a.nk && (!a.causal || a.kpos[j0 + TC_BK] <= qlast);
+        if (more) load_kv((int)stage ^ 1, j0 + TC_BK); // the stage every warp left last time
+        spar__cp_async_commit();
+        spar__cp_async_wait<1>(); // this thread's copies of the current stage are in
+        __syncthreads();          // and so are everyone's
+        if (j0 == 0)
+#pragma unroll
+            for (int kt = 0; kt < KT; kt++)
+                spar__ldsm_x4(qf[kt], qs + (warp * 16 + lane % 16) * LD + kt * 16 + lane / 16 * 8);
+        const bf16 *ks = (const bf16 *)(raw + L::KV + stage * L::STAGE), *vs = ks + TC_BK * LD;
+        const int klen = a.nk - j0 < TC_BK ? (int)(a.nk - j0) : TC_BK;
+
+        float s[NT][4]; // S = Q K^T, this warp's 16 rows x 64 keys
+#pragma unroll
+        for (int t = 0; t < NT; t++)
+            s[t][0] = s[t][1] = s[t][2] = s[t][3] = 0.0f;
+#pragma unroll
+        for (int kt = 0; kt < KT; kt++)
+#pragma unroll
+            for (int t = 0; t < NT; t += 2) {
+                uint32_t b[4];
+                spar__ldsm_x4(b, ks + (t * 8 + lane % 8 + lane / 16 * 8) * LD + kt * 16 +
+                                     lane / 8 % 2 * 8);
+                spar__mma_bf16(s[t], qf[kt], b[0], b[1]);
+                spar__mma_bf16(s[t + 1], qf[kt], b[2], b[3]);
+            }
+
+        // Online softmax in the log2 domain; masks only where the tile needs them.
+        const bool edge = klen < TC_BK || (a.causal && kpos_s[stage][TC_BK - 1] > qfirst);
+        float mt[2] = {m[0], m[1]};
+#pragma unroll
+        for (int t = 0; t < NT; t++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int col = t * 8 + 2 * (lane % 4) + (e & 1);
+                float x = s[t][e] * a.scale_log2;
+                if (edge && (col >= klen || (a.causal && kpos_s[stage][col] > qp[e / 2])))
+                    x = -INFINITY;
+                s[t][e] = x;
+                mt[e / 2] = fmaxf(mt[e / 2], x);
+            }
+        float base[2], corr[2];
+#pragma unroll
+        for (int r = 0; r < 2; r++) { // the 4 lanes of a row hold its 64 columns
+            mt[r] = fmaxf(mt[r], __shfl_xor_sync(0xffffffffu, mt[r], 1));
+            mt[r] = fmaxf(mt[r], __shfl_xor_sync(0xffffffffu, mt[r], 2));
+            base[r] = mt[r] == -INFINITY ? 0.0f : mt[r]; // no key seen yet: p = 0, not NaN
+            corr[r] = exp2f(m[r] - base[r]);
+            m[r] = mt[r], l[r] *= corr[r];
+        }
+#pragma unroll
+        for (int t = 0; t < OT; t++)
+            o[t][0] *= corr[0], o[t][1] *= corr[0], o[t][2] *= corr[1], o[t][3] *= corr[1];
+#pragma unroll
+        for (int t = 0; t < NT; t++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                s[t][e] = exp2f(s[t][e] - base[e / 2]);
+                l[e / 2] += s[t][e];
+            }
+
+#pragma unroll
+        for (int kk = 0; kk < TC_BK / 16; kk++) { // O += P V, 16 keys at a time
+            uint32_t p[4] = {spar__pack_bf16(s[2 * kk][0], s[2 * kk][1]),
+                             spar__pack_bf16(s[2 * kk][2], s[2 * kk][3]),
+                             spar__pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                             spar__pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+            for (int t = 0; t < OT; t += 2) {
+                uint32_t b[4];
+                spar__ldsm_x4_t(b, vs + (kk * 16 + lane % 16) * LD + t * 8 + lane / 16 * 8);
+                spar__mma_bf16(o[t], p, b[0], b[1]);
+                spar__mma_bf16(o[t + 1], p, b[2], b[3]);
+            }
+        }
+        __syncthreads(); // every warp is done with this stage before it is refilled
+        if (!more) break;
+    }
+    spar__cp_async_wait<0>(); // nothing may still be landing when the block ends
+
+    // Merge into the running partial: rows r and r + 8; the 4 lanes of a row share it.
+    float la[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+        if (row0 + 8 * r < qlen) la[r] = a.lse[(i0 + row0 + 8 * r) * a.stride_lse + h];
+    }
+    __syncwarp(); // every lane has read the old lse before one of them writes
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int row = row0 + 8 * r;
+        if (row >= qlen || l[r] == 0.0f) continue; // no visible key: the partial stays
+        const int64_t i = i0 + row;
+        float wa, wb, lse = spar__merge_lse(la[r], (m[r] + log2f(l[r])) * LN2, &wa, &wb);
+        wb /= l[r];
+        float *orow = a.o + i * a.stride_q + (int64_t)h * d;
+#pragma unroll
+        for (int t = 0; t < OT; t++) {
+            int col = t * 8 + 2 * (lane % 4);
+            if (col < d) {
+                orow[col] = wa * orow[col] + wb * o[t][2 * r];
+                orow[col + 1] = wa * orow[col + 1] + wb * o[t][2 * r + 1];
+            }
+        }
+        if (lane % 4 == 0) a.lse[i * a.stride_lse + h] = lse;
+    }
 }
 
 // ---- launchers ----------------------------------------------------------------------
@@ -281,11 +298,11 @@ template <typename T> int launch_simt_d(const FwdArgs &a, cudaStream_t stream) {
     return launch_simt<T, 256>(a, stream);
 }
 
-template <int DP> int launch_mma(const FwdArgs &a, cudaStream_t stream) {
-    size_t smem = MmaLayout<DP>::BYTES;
-    SPAR_TRY(spar__cuda_smem_optin(fwd_mma<DP>, smem));
-    dim3 grid((unsigned)((a.nq + MQ - 1) / MQ), (unsigned)a.heads);
-    fwd_mma<DP><<<grid, WARPS * 32, smem, stream>>>(a);
+template <int DP> int launch_tc(const FwdArgs &a, cudaStream_t stream) {
+    size_t smem = TcLayout<DP>::BYTES;
+    SPAR_TRY(spar__cuda_smem_optin(fwd_tc<DP>, smem));
+    dim3 grid((unsigned)((a.nq + TC_BQ - 1) / TC_BQ), (unsigned)a.heads);
+    fwd_tc<DP><<<grid, TC_WARPS * 32, smem, stream>>>(a);
     spar__cuda_launched();
     return SPAR_OK;
 }
@@ -309,7 +326,7 @@ extern "C" int spar_cuda_softmax_fwd(const spar_attn_dims *dims, bool causal, sp
     a.vec = a.d % 8 == 0 && a.stride_q % 8 == 0 && a.stride_kv % 8 == 0 && aligned16(a.q) &&
             aligned16(a.k) && aligned16(a.v);
     if (dtype == SPAR_CUDA_F32) return launch_simt_d<float>(a, stream);
-    if (a.d <= 64) return launch_mma<64>(a, stream);
-    if (a.d <= 128) return launch_mma<128>(a, stream);
+    if (a.vec && a.d <= 64) return launch_tc<64>(a, stream);
+    if (a.vec && a.d <= 128) return launch_tc<128>(a, stream);
     return launch_simt_d<bf16>(a, stream);
 }
