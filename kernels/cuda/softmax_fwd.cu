@@ -139,7 +139,9 @@ template <int DP> __global__ void __launch_bounds__(TC_WARPS * 32) fwd_tc(FwdArg
     bf16 *qs = (bf16 *)(raw + L::Q);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, d = a.d;
     const int h = blockIdx.y, g = h / (a.heads / a.kv_heads);
-    const int64_t i0 = (int64_t)blockIdx.x * TC_BQ;
+    // With causal, later query tiles see more keys: they go first, so that the last blocks
+    // to start (the tail of the launch) are the short ones.
+    const int64_t i0 = (int64_t)(a.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x) * TC_BQ;
     const int qlen = a.nq - i0 < TC_BQ ? (int)(a.nq - i0) : TC_BQ;
     const bf16 *k = (const bf16 *)a.k, *v = (const bf16 *)a.v;
     const int64_t qlast = a.causal ? a.qpos[i0 + qlen - 1] : 0;
