@@ -122,9 +122,13 @@ static spar_kvblock kv_view(const spar_kvblock *kv, const int64_t *pos, int64_t 
  * the end would hide nothing. */
 static int make_progress(spar__pass *pass) {
     for (int i = 0; i < SPAR__MAX_PENDING; i++) {
-        int done;
+        int done = 0;
         if (pass->pending[i] && *pass->pending[i])
             SPAR_TRY(spar_comm_op_test(pass->comm, *pass->pending[i], &done));
+        if (i == 0 && done && pass->arrived && !pass->arrived_seen) {
+            pass->arrived_seen = true;
+            SPAR_TRY(pass->arrived(pass->arrived_ctx));
+        }
     }
     return SPAR_OK;
 }
@@ -138,11 +142,11 @@ static int run_group_pair(spar__pass *pass, const spar__group *qg, const spar__c
         if (kg->pos_max <= qg->pos_min) masked = false; /* every key is visible */
     }
     int64_t qb = prob->query_block > 0 ? prob->query_block : SPAR__DEFAULT_QUERY_BLOCK;
-    spar_kvblock keys = kv_view(kv, kc->pos, kg->local_start, kg->len);
+    spar_kvblock keys = kv_view(kv, kv->pos ? kv->pos : kc->pos, kg->local_start, kg->len);
     const spar_kernels *kern = prob->kernels;
     for (int64_t i = qg->local_start; i < qg->local_start + qg->len; i += qb) {
         int64_t nq = qg->local_start + qg->len - i < qb ? qg->local_start + qg->len - i : qb;
-        spar_qblock queries = q_view(&pass->q, pass->qc->pos, i, nq);
+        spar_qblock queries = q_view(&pass->q, pass->q.pos, i, nq);
         double t0 = spar__now();
         SPAR_TRY(pass->backward ? kern->softmax_bwd_block(&pass->dims, masked, &queries, &keys)
                                 : kern->softmax_fwd_block(&pass->dims, masked, &queries, &keys));

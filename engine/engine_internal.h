@@ -44,6 +44,11 @@ typedef struct spar__pass {
     const spar__chunk *qc;                     /* its positions and groups */
     spar_comm *comm;                           /* for progress on pending operations; may be NULL */
     spar_comm_op **pending[SPAR__MAX_PENDING]; /* operations to test between kernel calls */
+    /* Called once, between kernel calls, when *pending[0] is seen complete (a device ring
+     * starts uploading the block that arrived); the owner re-arms it (arrived_seen = 0). */
+    int (*arrived)(void *ctx);
+    void *arrived_ctx;
+    bool arrived_seen;
     double compute_seconds;
 } spar__pass;
 
@@ -53,7 +58,8 @@ void spar__pass_init(spar__pass *pass, const spar_attn_problem *prob, const spar
                      const spar__chunk *qc, bool backward, const float *delta);
 
 /* Every (query group, key group) pair of the local chunk against chunk kc, whose
- * tensors kv describes from its first token. */
+ * tensors kv describes from its first token (positions: kv->pos, or kc->pos when NULL;
+ * the queries' are pass->q.pos). */
 int spar__pass_chunk(spar__pass *pass, const spar__chunk *kc, const spar_kvblock *kv);
 
 /* Wall-clock seconds (monotonic). */
@@ -74,6 +80,11 @@ int spar__ring_forward(spar_comm *comm, const spar_attn_problem *prob, const spa
                        spar_metrics *m);
 int spar__ring_backward(spar_comm *comm, const spar_attn_problem *prob, const spar_attn_io *io,
                         spar_metrics *m);
+/* The same with the tensors in the kernel backend's device memory (ring_device.c). */
+int spar__ring_forward_device(spar_comm *comm, const spar_attn_problem *prob,
+                              const spar_attn_io *io, spar_metrics *m);
+int spar__ring_backward_device(spar_comm *comm, const spar_attn_problem *prob,
+                               const spar_attn_io *io, spar_metrics *m);
 int spar__allgather_forward(spar_comm *comm, const spar_attn_problem *prob, const spar_attn_io *io,
                             spar_metrics *m);
 int spar__allgather_backward(spar_comm *comm, const spar_attn_problem *prob, const spar_attn_io *io,

@@ -7,24 +7,14 @@
  * the accumulator that arrived from rank-1 (every earlier rank's contribution), and
  * sends the sum on to rank+1; after the last step the sum reaches the block's owner.
  * The accumulator sent at step t is awaited at step t+1, after that step's compute.
+ * With a kernel backend that has device memory the passes run in ring_device.c.
  */
 #include <stdlib.h>
 #include <string.h>
 
-#include "engine_internal.h"
+#include "ring_internal.h"
 
-enum { CHANNEL_KV = 0, CHANNEL_GRAD = 1 };
-
-typedef struct ring {
-    spar_comm *comm;
-    const spar_attn_problem *prob;
-    int rank, size;
-    int64_t max_len;
-    size_t row; /* floats per token of one of K, V, dK, dV: G d */
-    spar__chunk qc, held;
-} ring;
-
-static int ring_init(ring *rg, spar_comm *comm, const spar_attn_problem *prob) {
+int spar__ring_init(ring *rg, spar_comm *comm, const spar_attn_problem *prob) {
     *rg = (ring){
         .comm = comm, .prob = prob, .rank = spar_comm_rank(comm), .size = spar_comm_size(comm)};
     if (prob->part->ranks != rg->size)
@@ -35,33 +25,31 @@ static int ring_init(ring *rg, spar_comm *comm, const spar_attn_problem *prob) {
     return spar__chunk_init(&rg->qc, prob->part, rg->rank, rg->max_len);
 }
 
-static void ring_free(ring *rg) {
+void spar__ring_free(ring *rg) {
     spar__chunk_free(&rg->qc);
     spar__chunk_free(&rg->held);
 }
 
-/* Source rank of the block held at `step`, and its [K | V] size in bytes. */
-static int source(const ring *rg, int step) {
+int spar__ring_source(const ring *rg, int step) {
     return ((rg->rank - step) % rg->size + rg->size) % rg->size;
 }
 
-static size_t block_bytes(const ring *rg, int src) {
+size_t spar__ring_block_bytes(const ring *rg, int src) {
     return 2 * (size_t)spar_partition_local_len(rg->prob->part, src) * rg->row * sizeof(float);
 }
 
-/* Posts the exchange that brings the block of the next step (none after the last). */
-static int start_next_kv(ring *rg, int step, float *held, float *next, spar_comm_op **op) {
+int spar__ring_start_next_kv(ring *rg, int step, float *held, float *next, spar_comm_op **op) {
     if (step + 1 >= rg->size) return SPAR_OK;
-    return spar_comm_ring_start(rg->comm, CHANNEL_KV, held, block_bytes(rg, source(rg, step)), next,
-                                block_bytes(rg, source(rg, step + 1)), op);
+    return spar_comm_ring_start(rg->comm, CHANNEL_KV, held,
+                                spar__ring_block_bytes(rg, spar__ring_source(rg, step)), next,
+                                spar__ring_block_bytes(rg, spar__ring_source(rg, step + 1)), op);
 }
 
 static float *alloc_blocks(const ring *rg) {
     return malloc(2 * (size_t)rg->max_len * rg->row * sizeof(float));
 }
 
-/* The local [K | V] block, packed the way it travels. */
-static void pack_local(const ring *rg, const spar_attn_io *io, float *dst) {
+void spar__ring_pack_local(const ring *rg, const spar_attn_io *io, float *dst) {
     size_t n = (size_t)rg->qc.len * rg->row;
     memcpy(dst, io->k, n * sizeof(float));
     memcpy(dst + n, io->v, n * sizeof(float));
@@ -69,6 +57,7 @@ static void pack_local(const ring *rg, const spar_attn_io *io, float *dst) {
 
 int spar__ring_forward(spar_comm *comm, const spar_attn_problem *prob, const spar_attn_io *io,
                        spar_metrics *metrics) {
+    if (prob->kernels->device) return spar__ring_forward_device(comm, prob, io, metrics);
     double t_start = spar__now();
     uint64_t bytes0 = spar_comm_bytes_sent(comm);
     spar_metrics m = {0};
@@ -76,18 +65,19 @@ int spar__ring_forward(spar_comm *comm, const spar_attn_problem *prob, const spa
     spar__pass pass;
     spar_comm_op *op = NULL;
     float *bufs[2] = {NULL, NULL};
-    int rc = ring_init(&rg, comm, prob);
+    int rc = spar__ring_init(&rg, comm, prob);
     if (rc == 0 && (!(bufs[0] = alloc_blocks(&rg)) || !(bufs[1] = alloc_blocks(&rg))))
         rc = SPAR_ENOMEM;
     if (rc != 0) goto done;
-    pack_local(&rg, io, bufs[0]);
+    spar__ring_pack_local(&rg, io, bufs[0]);
     spar_softmax_init_partial(rg.qc.len, prob->dims.heads, prob->dims.head_dim, io->o, io->lse);
     spar__pass_init(&pass, prob, io, &rg.qc, false, NULL);
     pass.comm = comm;
     pass.pending[0] = &op;
     for (int step = 0, cur = 0; step < rg.size && rc == 0; step++, cur ^= 1) {
-        if ((rc = spar__chunk_init(&rg.held, prob->part, source(&rg, step), rg.max_len)) != 0 ||
-            (rc = start_next_kv(&rg, step, bufs[cur], bufs[cur ^ 1], &op)) != 0)
+        if ((rc = spar__chunk_init(&rg.held, prob->part, spar__ring_source(&rg, step),
+                                   rg.max_len)) != 0 ||
+            (rc = spar__ring_start_next_kv(&rg, step, bufs[cur], bufs[cur ^ 1], &op)) != 0)
             break;
         size_t n = (size_t)rg.held.len * rg.row;
         spar_kvblock kv = {rg.held.len, NULL, (int64_t)rg.row, bufs[cur], bufs[cur] + n,
@@ -102,19 +92,13 @@ int spar__ring_forward(spar_comm *comm, const spar_attn_problem *prob, const spa
 done:
     /* On failure an operation may still be in flight: it is left alone (its buffers too),
      * since waiting on a failed peer would hang and the caller ends the job. */
-    ring_free(&rg);
+    spar__ring_free(&rg);
     if (op) bufs[0] = bufs[1] = NULL;
     free(bufs[0]);
     free(bufs[1]);
     if (metrics) *metrics = m;
     return rc;
 }
-
-/* Backward buffers: K/V in flight, this step's gradient partial and the one still being
- * sent, and the accumulator arriving from rank-1. */
-typedef struct grad_bufs {
-    float *kv[2], *part[2], *acc_in, *delta;
-} grad_bufs;
 
 static int grad_bufs_alloc(const ring *rg, grad_bufs *b) {
     *b = (grad_bufs){{alloc_blocks(rg), alloc_blocks(rg)},
@@ -130,31 +114,29 @@ static void grad_bufs_free(grad_bufs *b) {
     free(b->acc_in), free(b->delta);
 }
 
-/* After computing step `step` into part: fold in what earlier ranks added to this block,
- * then pass the sum on (to the block's owner after the last step). */
-static int forward_gradients(ring *rg, int step, float *part, grad_bufs *b, spar_comm_op **op,
-                             spar_metrics *m) {
-    size_t floats = block_bytes(rg, source(rg, step)) / sizeof(float);
+int spar__ring_forward_gradients(ring *rg, int step, float *part, grad_bufs *b, spar_comm_op **op,
+                                 spar_metrics *m) {
+    size_t floats = spar__ring_block_bytes(rg, spar__ring_source(rg, step)) / sizeof(float);
     /* the accumulator for this block */
     SPAR_TRY(spar__wait_timed(rg->comm, op, "the dK/dV accumulator of a ring step (backward)", m));
     if (step > 0) spar_vec_add((int64_t)floats, part, b->acc_in);
     if (rg->size == 1) return SPAR_OK;
     return spar_comm_ring_start(rg->comm, CHANNEL_GRAD, part, floats * sizeof(float), b->acc_in,
-                                block_bytes(rg, source(rg, step + 1)), op);
+                                spar__ring_block_bytes(rg, spar__ring_source(rg, step + 1)), op);
 }
 
 static int ring_backward_steps(ring *rg, const spar_attn_io *io, grad_bufs *b, spar__pass *pass,
                                spar_comm_op **kv_op, spar_comm_op **grad_op, spar_metrics *m) {
     const spar_attn_problem *prob = rg->prob;
     for (int step = 0, cur = 0; step < rg->size; step++, cur ^= 1) {
-        SPAR_TRY(spar__chunk_init(&rg->held, prob->part, source(rg, step), rg->max_len));
-        SPAR_TRY(start_next_kv(rg, step, b->kv[cur], b->kv[cur ^ 1], kv_op));
+        SPAR_TRY(spar__chunk_init(&rg->held, prob->part, spar__ring_source(rg, step), rg->max_len));
+        SPAR_TRY(spar__ring_start_next_kv(rg, step, b->kv[cur], b->kv[cur ^ 1], kv_op));
         size_t n = (size_t)rg->held.len * rg->row;
         memset(b->part[cur], 0, 2 * n * sizeof(float));
         spar_kvblock kv = {rg->held.len,   NULL,         (int64_t)rg->row, b->kv[cur],
                            b->kv[cur] + n, b->part[cur], b->part[cur] + n};
         SPAR_TRY(spar__pass_chunk(pass, &rg->held, &kv));
-        SPAR_TRY(forward_gradients(rg, step, b->part[cur], b, grad_op, m));
+        SPAR_TRY(spar__ring_forward_gradients(rg, step, b->part[cur], b, grad_op, m));
         SPAR_TRY(
             spar__wait_timed(rg->comm, kv_op, "the K/V block of the next ring step (backward)", m));
         if (prob->progress && rg->rank == 0)
@@ -171,6 +153,7 @@ static int ring_backward_steps(ring *rg, const spar_attn_io *io, grad_bufs *b, s
 
 int spar__ring_backward(spar_comm *comm, const spar_attn_problem *prob, const spar_attn_io *io,
                         spar_metrics *metrics) {
+    if (prob->kernels->device) return spar__ring_backward_device(comm, prob, io, metrics);
     double t_start = spar__now();
     uint64_t bytes0 = spar_comm_bytes_sent(comm);
     spar_metrics m = {0};
@@ -178,11 +161,11 @@ int spar__ring_backward(spar_comm *comm, const spar_attn_problem *prob, const sp
     grad_bufs b = {0};
     spar__pass pass;
     spar_comm_op *kv_op = NULL, *grad_op = NULL;
-    int rc = ring_init(&rg, comm, prob);
+    int rc = spar__ring_init(&rg, comm, prob);
     if (rc == 0) rc = grad_bufs_alloc(&rg, &b);
     if (rc == 0) {
         int h = prob->dims.heads, d = prob->dims.head_dim;
-        pack_local(&rg, io, b.kv[0]);
+        spar__ring_pack_local(&rg, io, b.kv[0]);
         spar_softmax_bwd_delta(rg.qc.len, h, d, io->o, io->dout, b.delta);
         memset(io->dq, 0, sizeof(float) * (size_t)(rg.qc.len * h * d));
         spar__pass_init(&pass, prob, io, &rg.qc, true, b.delta);
@@ -194,7 +177,7 @@ int spar__ring_backward(spar_comm *comm, const spar_attn_problem *prob, const sp
     if (rc == 0) spar__metrics_finish(&m, &pass, comm, rg.rank, t_start, bytes0, rg.size);
     if (rc == 0 || (!kv_op && !grad_op)) /* else in flight: left alone, as in forward */
         grad_bufs_free(&b);
-    ring_free(&rg);
+    spar__ring_free(&rg);
     if (metrics) *metrics = m;
     return rc;
 }

@@ -78,8 +78,35 @@ typedef struct spar_linear_dims {
     const double *decay; /* [heads] lambda_h in (0, 1] */
 } spar_linear_dims;
 
+/* A backend's device memory, for methods that keep their tensors there (NULL in a
+ * host-only table). The softmax members take the same views as spar_kernels' but every
+ * pointer in them (positions too) is device memory; they return once the device is done,
+ * as host kernels do. Uploads issued with upload_async run on a copy stream beside the
+ * kernels (src must come from alloc_host); upload_wait makes the host wait for them. */
+typedef struct spar_kernels_device {
+    int (*softmax_fwd_block)(const spar_attn_dims *dims, bool causal, const spar_qblock *q,
+                             const spar_kvblock *kv);
+    int (*softmax_bwd_block)(const spar_attn_dims *dims, bool causal, const spar_qblock *q,
+                             const spar_kvblock *kv);
+    /* spar_softmax_init_partial and spar_softmax_bwd_delta on device tensors. */
+    int (*init_partial)(int64_t n, int heads, int head_dim, float *o, float *lse);
+    int (*bwd_delta)(int64_t n, int heads, int head_dim, const float *o, const float *dout,
+                     float *delta);
+    int (*alloc)(void **p, size_t bytes);      /* device memory */
+    int (*alloc_host)(void **p, size_t bytes); /* pinned host memory */
+    void (*free)(void *p);
+    void (*free_host)(void *p);
+    int (*zero)(void *p, size_t bytes);
+    /* Synchronous copy either way (the pointers say which). */
+    int (*copy)(void *dst, const void *src, size_t bytes);
+    int (*upload_async)(void *dst, const void *src, size_t bytes);
+    int (*upload_wait)(void);
+} spar_kernels_device;
+
 typedef struct spar_kernels {
     const char *name;
+    /* Its device memory, or NULL: every member below works on host tensors. */
+    const spar_kernels_device *device;
     /* Softmax attention of the queries against the keys, merged exactly into the running
      * partial (o, lse) of those queries (DESIGN.md 3.1). With causal, key j is visible to
      * query i iff kv.pos[j] <= q.pos[i]. A query that sees no key here is left unchanged.

@@ -146,6 +146,8 @@ int spar_cuda_device_name(char *name, size_t len, int *sms, int *driver_version)
 /* The kernel table on host-resident float32 tensors, staged through the device
  * (kernels/cuda/staged.c). */
 extern const spar_kernels spar__kernels_cuda;
+/* Its device memory, for methods that keep tensors on the GPU (kernels/cuda/resident.c). */
+extern const spar_kernels_device spar__cuda_device;
 /* What spar_kernels_cuda_devices and spar_kernels_cuda_use_device do (runtime.cu). */
 int spar__cuda_devices(char *why, size_t len);
 int spar__cuda_use_device(int local_rank, int *device);

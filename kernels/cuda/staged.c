@@ -195,6 +195,7 @@ static int staged_linear_bwd_state(const spar_linear_dims *dims, bool causal, in
 
 const spar_kernels spar__kernels_cuda = {
     .name = "cuda",
+    .device = &spar__cuda_device,
     .softmax_fwd_block = staged_softmax_fwd,
     .softmax_bwd_block = staged_softmax_bwd,
     .linear_fwd_local = staged_linear_fwd,
