@@ -132,8 +132,8 @@ enum spar_key_type { SPAR_KT_BOOL, SPAR_KT_INT, SPAR_KT_FLOAT, SPAR_KT_ENUM, SPA
       "oracle), none (no arithmetic: times communication and memory alone); auto = the "           \
       "fastest this build has")                                                                    \
     X(RUN_DEVICE, "run.device", ENUM, "cpu", "cpu|cuda", 0, 0,                                     \
-      "where the kernels run: cpu, or cuda (a build with nvcc and a visible GPU; for now the "     \
-      "softmax kernels, with each block staged through host memory)")                              \
+      "where the kernels run: cpu, or cuda (a build with nvcc and a visible GPU; the ring keeps "  \
+      "its tensors on the GPU, the other methods stage each block through host memory)")           \
     X(RUN_THREADS, "run.threads", INT, "1", "integer >= 0; 0 = all cores", 0, 4096,                \
       "kernel threads per rank (ranks per host x threads should not exceed its cores)")            \
     X(RUN_RESUME, "run.resume", BOOL, "true", "true|false", 0, 0,                                  \
