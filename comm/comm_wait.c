@@ -52,12 +52,35 @@ static int no_answer(spar_comm *comm, int who, double seconds, const char *what)
 
 /* Tag of the roll call; no other message of the room or the engine uses it. */
 enum { ROLL_CALL_TAG = 7300 };
+/* How often a waiting rank looks for roll calls to answer (a probe: cheap, but not free
+ * in the tight part of a wait). */
+#define ANSWER_EVERY_S 0.01
+
+/* A rank that is waiting answers the roll calls that reached it (roll_call): it takes
+ * the caller's byte and sends one back. Tested now and then in every wait loop. */
+static void answer_roll_calls(spar_comm *comm) {
+    static const char mark = 1;
+    for (;;) {
+        int found = 0;
+        MPI_Status st;
+        char in;
+        MPI_Request send;
+        if (MPI_Iprobe(MPI_ANY_SOURCE, ROLL_CALL_TAG, comm->world, &found, &st) != MPI_SUCCESS ||
+            !found)
+            return;
+        MPI_Recv(&in, 1, MPI_CHAR, st.MPI_SOURCE, ROLL_CALL_TAG, comm->world, MPI_STATUS_IGNORE);
+        if (MPI_Isend(&mark, 1, MPI_CHAR, st.MPI_SOURCE, ROLL_CALL_TAG, comm->world, &send) ==
+            MPI_SUCCESS)
+            MPI_Request_free(&send);
+    }
+}
 
 /* A collective has no single peer to blame, so the ranks that gave up on it call the
  * roll: each sends a byte to every other member and waits up to `grace` seconds for
- * theirs. The ranks still waiting in the collective give up within about the same
- * time and answer; a stopped or cut-off rank does not. answered[p] = 1 for those heard.
- * The sends are freed unfinished and the receives cancelled: the job is ending. */
+ * theirs. Every rank that is waiting answers (the others that gave up on the collective
+ * call the roll themselves, and the byte each sends is the answer); a stopped or cut-off
+ * rank does not. answered[p] = 1 for those heard. The sends are freed unfinished and the
+ * receives cancelled: the job is ending. */
 static void roll_call(spar_comm *comm, double grace, int *answered) {
     static const char mark = 1;
     char *in = calloc((size_t)comm->size, 1);
@@ -141,22 +164,24 @@ static int first_unfinished(const MPI_Request *reqs, const int *peer, int n) {
     return -1;
 }
 
-int spar__comm_wait_reqs(spar_comm *comm, MPI_Request *reqs, const int *peer, int n,
-                         double seconds, const char *what) {
+int spar__comm_wait_reqs(spar_comm *comm, MPI_Request *reqs, const int *peer, int n, double seconds,
+                         const char *what) {
     if (seconds <= 0)
         return spar__comm_mpi_status(MPI_Waitall(n, reqs, MPI_STATUSES_IGNORE), "MPI_Waitall");
     int done[SPAR__MAX_OP_REQS];
-    double start = MPI_Wtime();
+    double start = MPI_Wtime(), answered = start;
     for (long polls = 0;; polls++) {
         int count = 0;
         int rc = MPI_Testsome(n, reqs, &count, done, MPI_STATUSES_IGNORE);
         if (rc != MPI_SUCCESS) return spar__comm_mpi_status(rc, "MPI_Testsome");
         if (count == MPI_UNDEFINED) return SPAR_OK; /* no request left active */
-        if (MPI_Wtime() - start > seconds) {
+        double now = MPI_Wtime();
+        if (now - start > seconds) {
             int who = first_unfinished(reqs, peer, n);
             return who >= 0 ? no_answer(comm, who, seconds, what)
                             : collective_no_answer(comm, seconds, what);
         }
+        if (now - answered > ANSWER_EVERY_S) answer_roll_calls(comm), answered = now;
         rest_after(polls);
     }
 }
@@ -177,8 +202,8 @@ int spar_comm_op_wait_for(spar_comm *comm, spar_comm_op **op, double seconds, in
     if (!o) return SPAR_OK;
     for (int i = 0; i < o->nreqs && peer >= 0; i++)
         if (o->peer[i] < 0) o->peer[i] = peer;
-    int rc = spar__comm_wait_reqs(o->comm, o->reqs, o->peer, o->nreqs, seconds,
-                                  what ? what : o->name);
+    int rc =
+        spar__comm_wait_reqs(o->comm, o->reqs, o->peer, o->nreqs, seconds, what ? what : o->name);
     if (rc == 0) spar__comm_op_free(o); /* on a timeout the requests stay posted */
     return rc;
 }
@@ -212,12 +237,14 @@ int spar_comm_send_for(spar_comm *comm, const void *buf, size_t bytes, int dest,
 }
 
 int spar_comm_probe_for(spar_comm *comm, int src, int tag, double seconds, const char *what) {
-    double start = MPI_Wtime();
+    double start = MPI_Wtime(), answered = start;
     for (long polls = 0;; polls++) {
         int found = 0;
         SPAR_MPI_CHECK(MPI_Iprobe(src, tag, comm->world, &found, MPI_STATUS_IGNORE));
         if (found) return SPAR_OK;
-        if (seconds > 0 && MPI_Wtime() - start > seconds) return no_answer(comm, src, seconds, what);
+        double now = MPI_Wtime();
+        if (seconds > 0 && now - start > seconds) return no_answer(comm, src, seconds, what);
+        if (now - answered > ANSWER_EVERY_S) answer_roll_calls(comm), answered = now;
         rest_after(polls);
     }
 }
@@ -276,8 +303,8 @@ int spar_comm_gather(spar_comm *comm, const void *send, size_t bytes, void *out,
     if (bytes > INT_MAX)
         return spar_errorf(SPAR_EUNSUP, "gather of %zu bytes per rank is too large", bytes);
     MPI_Request req;
-    int rc = MPI_Igather(send, (int)bytes, MPI_BYTE, out, (int)bytes, MPI_BYTE, root, comm->world,
-                         &req);
+    int rc =
+        MPI_Igather(send, (int)bytes, MPI_BYTE, out, (int)bytes, MPI_BYTE, root, comm->world, &req);
     return collective(comm, rc, &req, "MPI_Igather");
 }
 

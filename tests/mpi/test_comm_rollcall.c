@@ -1,11 +1,13 @@
 /* test_comm_rollcall.c: a collective that times out names the rank that never came.
  *
  * A collective has no single peer, so the ranks that give up on one call a roll and
- * name whoever does not answer. Here the last rank stays away from a barrier for longer
- * than comm.timeout plus the roll call; every other rank must fail the barrier with an
- * error naming that rank and its host, and none may name another. The late rank then
- * joins (completing the abandoned barrier) so that the job still ends cleanly and the
- * ranks can agree on the verdict. Needs at least 2 ranks (1 rank: nothing to test).
+ * name whoever does not answer. First the last rank is alive but waits for something
+ * else past the others' timeout: it answers, so the others' error blames no rank. Then
+ * it stays away (asleep) for longer than comm.timeout plus the roll call: every other
+ * rank must fail the barrier with an error naming that rank and its host, and none may
+ * name another. The late rank then joins (completing the abandoned barrier) so that the
+ * job still ends cleanly and the ranks can agree on the verdict. Needs at least 2 ranks
+ * (1 rank: nothing to test).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -37,7 +39,25 @@ static int barrier_captured(spar_comm *comm, char *text, size_t size) {
     return rc;
 }
 
-/* Returns 1 when this rank behaved as it must. */
+/* The last rank is alive but waits elsewhere (for a message that never comes, longer
+ * than the others' timeout): it answers their roll call, so they must not blame it.
+ * Returns 1 when this rank behaved as it must. */
+static int check_waiting_elsewhere(spar_comm *comm) {
+    int r = spar_comm_rank(comm), p = spar_comm_size(comm);
+    char text[4096];
+    if (r == p - 1) {
+        int rc = spar_comm_probe_for(comm, 0, 7399, 3 * TIMEOUT_S, "a message never sent");
+        return rc == SPAR_ECOMM && spar_comm_barrier(comm) == SPAR_OK; /* that error expected */
+    }
+    int rc = barrier_captured(comm, text, sizeof text);
+    int ok = rc == SPAR_ECOMM && strstr(text, "every rank answered a roll call");
+    if (!ok)
+        fprintf(stderr, "rank %d: status %d, expected no rank to be blamed; got [%s]\n", r, rc,
+                text);
+    return ok;
+}
+
+/* The last rank stays away (asleep). Returns 1 when this rank behaved as it must. */
 static int check_rank(spar_comm *comm) {
     int r = spar_comm_rank(comm), p = spar_comm_size(comm);
     if (r == p - 1) { /* the absent one: late by twice the timeout, then joins */
@@ -50,7 +70,8 @@ static int check_rank(spar_comm *comm) {
              TIMEOUT_S);
     int ok = rc == SPAR_ECOMM && strstr(text, want) && strstr(text, "roll call") &&
              !strstr(text, "nor did");
-    if (!ok) fprintf(stderr, "rank %d: status %d, expected an error naming rank %d\n", r, rc, p - 1);
+    if (!ok)
+        fprintf(stderr, "rank %d: status %d, expected an error naming rank %d\n", r, rc, p - 1);
     return ok;
 }
 
@@ -66,7 +87,11 @@ int main(int argc, char **argv) {
     spar_comm_set_timeout(comm, 30);
     int ok = spar_comm_barrier(comm) == SPAR_OK; /* everyone starts together */
     spar_comm_set_timeout(comm, TIMEOUT_S);
-    ok = ok && check_rank(comm);
+    ok = check_waiting_elsewhere(comm) && ok;
+    spar_comm_set_timeout(comm, 30);
+    ok = spar_comm_barrier(comm) == SPAR_OK && ok;
+    spar_comm_set_timeout(comm, TIMEOUT_S);
+    ok = check_rank(comm) && ok;
     spar_comm_set_timeout(comm, 30);
     int worst = 0;
     if (spar_comm_agree(comm, ok, &worst) != SPAR_OK) worst = 0;
