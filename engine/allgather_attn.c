@@ -153,7 +153,8 @@ static int compute_group(gather *ga, spar__pass *pass, int gi) {
                            all + at,
                            all + at + n,
                            grad ? grad + at : NULL,
-                           grad ? grad + at + n : NULL};
+                           grad ? grad + at + n : NULL,
+                           false};
         SPAR_TRY(spar__pass_chunk(pass, &ga->held, &kv));
     }
     return SPAR_OK;

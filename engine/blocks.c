@@ -93,14 +93,20 @@ static float *at_mut(float *base, int64_t i, int64_t stride) {
     return base ? base + i * stride : NULL;
 }
 
+/* An input that may hold bfloat16 (2 bytes an element) instead of floats. */
+static const float *at_in(const float *base, int64_t i, int64_t stride, bool bf16) {
+    if (!bf16) return at(base, i, stride);
+    return base ? (const float *)((const char *)base + 2 * i * stride) : NULL;
+}
+
 /* The view of tokens [i, i+n) of a query block. */
 static spar_qblock q_view(const spar_qblock *q, const int64_t *pos, int64_t i, int64_t n) {
     spar_qblock v = *q;
     v.n = n;
     v.pos = pos + i;
-    v.q = at(q->q, i, q->stride_q);
+    v.q = at_in(q->q, i, q->stride_q, q->bf16);
     v.o = at_mut(q->o, i, q->stride_q);
-    v.dout = at(q->dout, i, q->stride_q);
+    v.dout = at_in(q->dout, i, q->stride_q, q->bf16);
     v.dq = at_mut(q->dq, i, q->stride_q);
     v.lse = at_mut(q->lse, i, q->stride_lse);
     v.delta = at(q->delta, i, q->stride_lse);
@@ -111,8 +117,8 @@ static spar_kvblock kv_view(const spar_kvblock *kv, const int64_t *pos, int64_t 
     spar_kvblock v = *kv;
     v.n = n;
     v.pos = pos + j;
-    v.k = at(kv->k, j, kv->stride_kv);
-    v.v = at(kv->v, j, kv->stride_kv);
+    v.k = at_in(kv->k, j, kv->stride_kv, kv->bf16);
+    v.v = at_in(kv->v, j, kv->stride_kv, kv->bf16);
     v.dk = at_mut(kv->dk, j, kv->stride_kv);
     v.dv = at_mut(kv->dv, j, kv->stride_kv);
     return v;

@@ -43,7 +43,7 @@ static int local_pass(const spar_attn_problem *prob, const spar_attn_io *io, spa
     spar__pass pass;
     spar__chunk rows = c; /* the same tokens, one block of queries at a time */
     spar__pass_init(&pass, prob, io, &rows, backward, delta);
-    spar_kvblock kv = {n, NULL, (int64_t)g * d, io->k, io->v, io->dk, io->dv};
+    spar_kvblock kv = {n, NULL, (int64_t)g * d, io->k, io->v, io->dk, io->dv, false};
     int64_t block = 8 * (prob->query_block > 0 ? prob->query_block : SPAR__DEFAULT_QUERY_BLOCK);
     int rc = SPAR_OK;
     for (int64_t i = 0; i < n && rc == 0; i += block) {

@@ -22,6 +22,7 @@ int spar__ring_init(ring *rg, spar_comm *comm, const spar_attn_problem *prob) {
                            prob->part->ranks, rg->size);
     rg->max_len = spar_partition_max_local_len(prob->part);
     rg->row = (size_t)prob->dims.kv_heads * (size_t)prob->dims.head_dim;
+    rg->kv_elem = sizeof(float);
     return spar__chunk_init(&rg->qc, prob->part, rg->rank, rg->max_len);
 }
 
@@ -40,9 +41,9 @@ size_t spar__ring_block_bytes(const ring *rg, int src) {
 
 int spar__ring_start_next_kv(ring *rg, int step, float *held, float *next, spar_comm_op **op) {
     if (step + 1 >= rg->size) return SPAR_OK;
-    return spar_comm_ring_start(rg->comm, CHANNEL_KV, held,
-                                spar__ring_block_bytes(rg, spar__ring_source(rg, step)), next,
-                                spar__ring_block_bytes(rg, spar__ring_source(rg, step + 1)), op);
+    size_t send = spar__ring_block_bytes(rg, spar__ring_source(rg, step)) / 4 * rg->kv_elem;
+    size_t recv = spar__ring_block_bytes(rg, spar__ring_source(rg, step + 1)) / 4 * rg->kv_elem;
+    return spar_comm_ring_start(rg->comm, CHANNEL_KV, held, send, next, recv, op);
 }
 
 static float *alloc_blocks(const ring *rg) {
@@ -80,8 +81,8 @@ int spar__ring_forward(spar_comm *comm, const spar_attn_problem *prob, const spa
             (rc = spar__ring_start_next_kv(&rg, step, bufs[cur], bufs[cur ^ 1], &op)) != 0)
             break;
         size_t n = (size_t)rg.held.len * rg.row;
-        spar_kvblock kv = {rg.held.len, NULL, (int64_t)rg.row, bufs[cur], bufs[cur] + n,
-                           NULL,        NULL};
+        spar_kvblock kv = {rg.held.len, NULL, (int64_t)rg.row, bufs[cur], bufs[cur] + n, NULL,
+                           NULL,        false};
         rc = spar__pass_chunk(&pass, &rg.held, &kv);
         int wrc = spar__wait_timed(comm, &op, "the K/V block of the next ring step (forward)", &m);
         rc = rc ? rc : wrc;
@@ -134,7 +135,7 @@ static int ring_backward_steps(ring *rg, const spar_attn_io *io, grad_bufs *b, s
         size_t n = (size_t)rg->held.len * rg->row;
         memset(b->part[cur], 0, 2 * n * sizeof(float));
         spar_kvblock kv = {rg->held.len,   NULL,         (int64_t)rg->row, b->kv[cur],
-                           b->kv[cur] + n, b->part[cur], b->part[cur] + n};
+                           b->kv[cur] + n, b->part[cur], b->part[cur] + n, false};
         SPAR_TRY(spar__pass_chunk(pass, &rg->held, &kv));
         SPAR_TRY(spar__ring_forward_gradients(rg, step, b->part[cur], b, grad_op, m));
         SPAR_TRY(

@@ -8,7 +8,10 @@
  * block; the next step waits for it. Backward, the [dK | dV] partial of the held block is
  * computed on the device, downloaded, and summed on the host into the accumulator that
  * travels (ring_attn.c). The results go back to host memory at the end of the pass.
+ * With prob->bf16 the queries, dout and the travelling K/V blocks are bfloat16 (half the
+ * bytes on the ring, tensor cores on the device); gradients and outputs stay fp32.
  */
+#include <stdlib.h>
 #include <string.h>
 
 #include "ring_internal.h"
@@ -36,6 +39,38 @@ static int host_alloc(dev_ring *r, void *p, size_t bytes) {
     return r->dev->alloc_host((void **)p, bytes > 16 ? bytes : 16);
 }
 
+/* A K/V block of `src` as it travels and sits on the device (fp32 or bf16). */
+static size_t kv_bytes(const dev_ring *r, int src) {
+    return spar__ring_block_bytes(&r->rg, src) / sizeof(float) * r->rg.kv_elem;
+}
+
+/* Element e of a [K | V] buffer in its storage. */
+static float *kv_at(const dev_ring *r, float *buf, size_t e) {
+    return (float *)((char *)buf + e * r->rg.kv_elem);
+}
+
+/* A query-side input (q or dout, [len, H, d]) into device memory, as bf16 if so asked. */
+static int upload_input(dev_ring *r, const float *host, float *dev, int64_t n) {
+    if (!r->prob.bf16) return r->dev->copy(dev, host, sizeof(float) * (size_t)n);
+    uint16_t *tmp = malloc(sizeof(uint16_t) * (size_t)(n > 0 ? n : 1));
+    if (!tmp) return SPAR_ENOMEM;
+    spar_to_bf16(n, host, tmp);
+    int rc = r->dev->copy(dev, tmp, sizeof(uint16_t) * (size_t)n);
+    free(tmp);
+    return rc;
+}
+
+/* The local [K | V] block into pinned memory, the way it travels. */
+static void pack_local(dev_ring *r, const spar_attn_io *io) {
+    if (!r->prob.bf16) {
+        spar__ring_pack_local(&r->rg, io, r->host.kv[0]);
+        return;
+    }
+    int64_t n = r->rg.qc.len * (int64_t)r->rg.row;
+    spar_to_bf16(n, io->k, (uint16_t *)r->host.kv[0]);
+    spar_to_bf16(n, io->v, (uint16_t *)r->host.kv[0] + n);
+}
+
 static void dev_free(dev_ring *r) {
     const spar_kernels_device *d = r->dev;
     d->free((void *)r->io.q), d->free(r->io.o), d->free(r->io.lse);
@@ -56,11 +91,12 @@ static int setup(dev_ring *r, spar_comm *comm, const spar_attn_problem *prob,
     r->kern.softmax_bwd_block = r->dev->softmax_bwd_block;
     r->prob.kernels = &r->kern;
     SPAR_TRY(spar__ring_init(&r->rg, comm, prob));
+    if (prob->bf16) r->rg.kv_elem = sizeof(uint16_t);
     spar_log_debug("ring %s: tensors in %s device memory", backward ? "backward" : "forward",
                    prob->kernels->name);
     int64_t len = r->rg.qc.len, rows = len * prob->dims.heads;
     size_t qb = sizeof(float) * (size_t)(rows * prob->dims.head_dim), lb = sizeof(float) * rows;
-    size_t blk = spar__ring_block_bytes(&r->rg, r->rg.rank);
+    size_t blk = kv_bytes(r, r->rg.rank);
     size_t max_blk = 2 * (size_t)r->rg.max_len * r->rg.row * sizeof(float);
     size_t pos = sizeof(int64_t) * (size_t)r->rg.max_len;
     SPAR_TRY(dev_alloc(r, &r->io.q, qb));
@@ -72,9 +108,9 @@ static int setup(dev_ring *r, spar_comm *comm, const spar_attn_problem *prob,
         SPAR_TRY(dev_alloc(r, &r->kpos[i], pos));
         SPAR_TRY(host_alloc(r, &r->host.kv[i], max_blk));
     }
-    SPAR_TRY(r->dev->copy((void *)r->io.q, io->q, qb));
+    SPAR_TRY(upload_input(r, io->q, (float *)r->io.q, rows * prob->dims.head_dim));
     SPAR_TRY(r->dev->copy(r->qpos, r->rg.qc.pos, sizeof(int64_t) * (size_t)len));
-    spar__ring_pack_local(&r->rg, io, r->host.kv[0]);
+    pack_local(r, io);
     SPAR_TRY(r->dev->copy(r->kv[0], r->host.kv[0], blk));
     if (!backward)
         return r->dev->init_partial(len, prob->dims.heads, prob->dims.head_dim, r->io.o, r->io.lse);
@@ -87,10 +123,10 @@ static int setup(dev_ring *r, spar_comm *comm, const spar_attn_problem *prob,
     SPAR_TRY(host_alloc(r, &r->host.acc_in, max_blk));
     SPAR_TRY(r->dev->copy(r->io.o, io->o, qb));
     SPAR_TRY(r->dev->copy(r->io.lse, io->lse, lb));
-    SPAR_TRY(r->dev->copy((void *)r->io.dout, io->dout, qb));
+    SPAR_TRY(upload_input(r, io->dout, (float *)r->io.dout, rows * prob->dims.head_dim));
     SPAR_TRY(r->dev->zero(r->io.dq, qb));
     return r->dev->bwd_delta(len, prob->dims.heads, prob->dims.head_dim, r->io.o, r->io.dout,
-                             r->delta);
+                             prob->bf16, r->delta);
 }
 
 /* The pass's hook: the next block is in pinned memory, send it up beside the compute. */
@@ -108,12 +144,16 @@ static int begin_step(dev_ring *r, spar__pass *pass, int step, int cur, spar_kvb
     SPAR_TRY(r->dev->copy(r->kpos[cur], rg->held.pos, sizeof(int64_t) * (size_t)rg->held.len));
     bool more = step + 1 < rg->size;
     r->next = cur ^ 1, r->uploading = false;
-    r->next_bytes = more ? spar__ring_block_bytes(rg, spar__ring_source(rg, step + 1)) : 0;
+    r->next_bytes = more ? kv_bytes(r, spar__ring_source(rg, step + 1)) : 0;
     pass->arrived = more ? upload_next : NULL;
     pass->arrived_ctx = r, pass->arrived_seen = false;
     size_t n = (size_t)rg->held.len * rg->row;
-    *kv = (spar_kvblock){rg->held.len, r->kpos[cur], (int64_t)rg->row, r->kv[cur], r->kv[cur] + n,
-                         NULL,         NULL};
+    *kv = (spar_kvblock){.n = rg->held.len,
+                         .pos = r->kpos[cur],
+                         .stride_kv = (int64_t)rg->row,
+                         .k = r->kv[cur],
+                         .v = kv_at(r, r->kv[cur], n),
+                         .bf16 = r->prob.bf16};
     return SPAR_OK;
 }
 
@@ -132,6 +172,7 @@ static int end_step(dev_ring *r, spar__pass *pass, spar_comm_op **op, const char
 static void start_pass(dev_ring *r, spar__pass *pass, spar_comm *comm, bool backward) {
     spar__pass_init(pass, &r->prob, &r->io, &r->rg.qc, backward, r->delta);
     pass->q.pos = r->qpos;
+    pass->q.bf16 = r->prob.bf16;
     pass->comm = comm;
 }
 

@@ -41,7 +41,8 @@ typedef struct spar_attn_problem {
     int64_t query_block;         /* queries per kernel call; between calls pending transfers
                                     make progress (0 = a default) */
     int head_groups;             /* allgather: kv-head groups pipelined (0 = auto) */
-    spar_progress_fn progress;   /* may be NULL */
+    bool bf16; /* q, k, v, dout stored as bfloat16 for the kernels (a device's ring only) */
+    spar_progress_fn progress; /* may be NULL */
     void *progress_ctx;
 } spar_attn_problem;
 

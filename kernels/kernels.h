@@ -13,7 +13,7 @@
  *
  * Defines: spar_attn_dims, spar_qblock, spar_kvblock, spar_kernels, spar_kernels_select,
  *          spar_softmax_init_partial, spar_softmax_merge, spar_softmax_bwd_delta,
- *          spar_vec_add.
+ *          spar_vec_add, spar_to_bf16.
  *          Linear attention: spar_linear_dims, the segment functions spar_linear_*,
  *          spar_alibi_decay.
  *          Decoder layers: spar_matmul, spar_rmsnorm, spar_rope, spar_swiglu, spar_argmax,
@@ -50,6 +50,8 @@ typedef struct spar_qblock {
     float *o, *lse;
     const float *dout, *delta;
     float *dq;
+    bool bf16; /* q and dout hold bfloat16 (stride in elements as for the rest): a device's
+                  kernels only (spar_kernels_device) */
 } spar_qblock;
 
 /* A block of keys and values, and (backward) the accumulators of their gradients.
@@ -60,6 +62,7 @@ typedef struct spar_kvblock {
     int64_t stride_kv;
     const float *k, *v;
     float *dk, *dv;
+    bool bf16; /* k and v hold bfloat16: a device's kernels only */
 } spar_kvblock;
 
 /* Tokens per block of the blocked linear-attention kernel (intra-block products). */
@@ -88,10 +91,11 @@ typedef struct spar_kernels_device {
                              const spar_kvblock *kv);
     int (*softmax_bwd_block)(const spar_attn_dims *dims, bool causal, const spar_qblock *q,
                              const spar_kvblock *kv);
-    /* spar_softmax_init_partial and spar_softmax_bwd_delta on device tensors. */
+    /* spar_softmax_init_partial and spar_softmax_bwd_delta on device tensors (dout in
+     * bfloat16 when bf16). */
     int (*init_partial)(int64_t n, int heads, int head_dim, float *o, float *lse);
-    int (*bwd_delta)(int64_t n, int heads, int head_dim, const float *o, const float *dout,
-                     float *delta);
+    int (*bwd_delta)(int64_t n, int heads, int head_dim, const float *o, const void *dout,
+                     bool bf16, float *delta);
     int (*alloc)(void **p, size_t bytes);      /* device memory */
     int (*alloc_host)(void **p, size_t bytes); /* pinned host memory */
     void (*free)(void *p);
@@ -213,6 +217,8 @@ void spar_softmax_bwd_delta(int64_t n, int heads, int head_dim, const float *o, 
 
 /* y += x, n floats (accumulators arriving from another rank). */
 void spar_vec_add(int64_t n, float *y, const float *x);
+/* dst[i] = x[i] rounded to bfloat16 (nearest, ties to even; NaN stays NaN), as raw bits. */
+void spar_to_bf16(int64_t n, const float *x, uint16_t *dst);
 
 /* Merges partial b into partial a, row by row (DESIGN.md 3.1):
  *   lse = max + log1p(exp(min - max)),  o = exp(lse_a - lse) o_a + exp(lse_b - lse) o_b.

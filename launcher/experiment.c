@@ -151,6 +151,7 @@ void spar__problem_from_config(const spar_config *cfg, const spar_partition *par
                        : spar_kernels_select(cfg->v[SPAR_KEY_RUN_KERNEL].s),
         .query_block = cfg->v[SPAR_KEY_RUN_QUERY_BLOCK].i,
         .head_groups = (int)cfg->v[SPAR_KEY_PAR_HEAD_GROUPS].i,
+        .bf16 = strcmp(cfg->v[SPAR_KEY_RUN_DTYPE].s, "bf16") == 0,
         .progress = spar__show_progress,
     };
 }

@@ -134,6 +134,10 @@ enum spar_key_type { SPAR_KT_BOOL, SPAR_KT_INT, SPAR_KT_FLOAT, SPAR_KT_ENUM, SPA
     X(RUN_DEVICE, "run.device", ENUM, "cpu", "cpu|cuda", 0, 0,                                     \
       "where the kernels run: cpu, or cuda (a build with nvcc and a visible GPU; the ring keeps "  \
       "its tensors on the GPU, the other methods stage each block through host memory)")           \
+    X(RUN_DTYPE, "run.dtype", ENUM, "fp32", "fp32|bf16", 0, 0,                                     \
+      "storage of q, k, v and dout for the kernels: bf16 runs on tensor cores and halves the "    \
+      "bytes on the ring (run.device=cuda, parallel.method=ring); accumulation and outputs stay " \
+      "fp32, relative errors grow to about 1e-2 (set run.verify_tol to match)")                  \
     X(RUN_THREADS, "run.threads", INT, "1", "integer >= 0; 0 = all cores", 0, 4096,                \
       "kernel threads per rank (ranks per host x threads should not exceed its cores)")            \
     X(RUN_RESUME, "run.resume", BOOL, "true", "true|false", 0, 0,                                  \

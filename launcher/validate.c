@@ -41,6 +41,23 @@ static int check_device(const spar_config *cfg, spar_err *err) {
     return SPAR_OK;
 }
 
+/* run.dtype=bf16: the GPU's ring only (other paths hand the kernels fp32 tensors). After
+ * check_methods: the method is resolved. */
+static int check_dtype(const spar_config *cfg, spar_err *err) {
+    if (strcmp(key_str(cfg, SPAR_KEY_RUN_DTYPE), "bf16") != 0) return SPAR_OK;
+    if (strcmp(key_str(cfg, SPAR_KEY_RUN_DEVICE), "cuda") != 0)
+        return spar__err_set(err, SPAR_EINVAL,
+                             "key run.dtype: 'bf16' with run.device=%s (allowed: fp32; bf16 "
+                             "storage is for run.device=cuda)",
+                             key_str(cfg, SPAR_KEY_RUN_DEVICE));
+    if (strcmp(key_str(cfg, SPAR_KEY_PAR_METHOD), "ring") != 0)
+        return spar__err_set(err, SPAR_EINVAL,
+                             "key run.dtype: 'bf16' with parallel.method=%s (allowed: fp32; on "
+                             "the GPU only the ring keeps bf16 tensors so far)",
+                             key_str(cfg, SPAR_KEY_PAR_METHOD));
+    return SPAR_OK;
+}
+
 /* The method and partition for this attention type, "auto" resolved here so that every
  * rank runs (and every record shows) the same thing. */
 static int check_methods(spar_config *cfg, spar_err *err) {
@@ -267,6 +284,7 @@ int spar__config_validate(spar_config *cfg, int world_size, spar_err *err) {
                              "ring|allgather|lasp2|lasp1|local; offload serves run.mode=generate)");
     SPAR_TRY(check_methods(cfg, err));
     SPAR_TRY(check_device(cfg, err));
+    SPAR_TRY(check_dtype(cfg, err));
     SPAR_TRY(check_type_keys(cfg, err));
     SPAR_TRY(spar__check_heads(cfg, err));
     SPAR_TRY(check_backward(cfg, err));

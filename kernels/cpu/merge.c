@@ -3,6 +3,7 @@
  * with double arithmetic per row so that many merges (one per ring step) add no
  * error beyond the final rounding. */
 #include <math.h>
+#include <string.h>
 
 #include "cpu_kernels.h"
 
@@ -48,4 +49,17 @@ void spar_softmax_bwd_delta(int64_t n, int heads, int head_dim, const float *o, 
 void spar_vec_add(int64_t n, float *y, const float *x) {
     for (int64_t i = 0; i < n; i++)
         y[i] += x[i];
+}
+
+void spar_to_bf16(int64_t n, const float *x, uint16_t *dst) {
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, &x[i], sizeof u);
+        if ((u & 0x7fffffffu) > 0x7f800000u) { /* NaN: keep it one (rounding could make inf) */
+            dst[i] = (uint16_t)((u >> 16) | 0x40u);
+            continue;
+        }
+        u += 0x7fffu + ((u >> 16) & 1u); /* to nearest, ties to even */
+        dst[i] = (uint16_t)(u >> 16);
+    }
 }

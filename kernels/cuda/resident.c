@@ -34,21 +34,34 @@ static spar_cuda_kvblock device_kv(const spar_kvblock *kv) {
                                .dv = kv->dv};
 }
 
+/* The storage of the inputs: both sides alike, or a misuse. */
+static int dtype(const spar_qblock *q, const spar_kvblock *kv, spar_cuda_dtype *dt) {
+    if (q->bf16 != kv->bf16)
+        return spar_errorf(SPAR_EINVAL, "CUDA attention: queries in %s, keys in %s",
+                           q->bf16 ? "bf16" : "fp32", kv->bf16 ? "bf16" : "fp32");
+    *dt = q->bf16 ? SPAR_CUDA_BF16 : SPAR_CUDA_F32;
+    return SPAR_OK;
+}
+
 static int fwd_block(const spar_attn_dims *dims, bool causal, const spar_qblock *q,
                      const spar_kvblock *kv) {
+    spar_cuda_dtype dt = SPAR_CUDA_F32;
     if (q->n == 0 || kv->n == 0) return SPAR_OK;
+    SPAR_TRY(dtype(q, kv, &dt));
     spar_cuda_qblock dq = device_q(q);
     spar_cuda_kvblock dk = device_kv(kv);
-    SPAR_TRY(spar_cuda_softmax_fwd(dims, causal, SPAR_CUDA_F32, &dq, &dk, NULL));
+    SPAR_TRY(spar_cuda_softmax_fwd(dims, causal, dt, &dq, &dk, NULL));
     return spar_cuda_stream_sync(NULL);
 }
 
 static int bwd_block(const spar_attn_dims *dims, bool causal, const spar_qblock *q,
                      const spar_kvblock *kv) {
+    spar_cuda_dtype dt = SPAR_CUDA_F32;
     if (q->n == 0 || kv->n == 0) return SPAR_OK;
+    SPAR_TRY(dtype(q, kv, &dt));
     spar_cuda_qblock dq = device_q(q);
     spar_cuda_kvblock dk = device_kv(kv);
-    SPAR_TRY(spar_cuda_softmax_bwd(dims, causal, SPAR_CUDA_F32, &dq, &dk, NULL));
+    SPAR_TRY(spar_cuda_softmax_bwd(dims, causal, dt, &dq, &dk, NULL));
     return spar_cuda_stream_sync(NULL);
 }
 
@@ -66,9 +79,10 @@ static int init_partial(int64_t n, int heads, int head_dim, float *o, float *lse
     return rc ? rc : spar_cuda_stream_sync(NULL);
 }
 
-static int bwd_delta(int64_t n, int heads, int head_dim, const float *o, const float *dout,
-                     float *delta) {
-    SPAR_TRY(spar_cuda_softmax_bwd_delta(n, heads, head_dim, SPAR_CUDA_F32, o, dout, delta, NULL));
+static int bwd_delta(int64_t n, int heads, int head_dim, const float *o, const void *dout,
+                     bool bf16, float *delta) {
+    SPAR_TRY(spar_cuda_softmax_bwd_delta(n, heads, head_dim, bf16 ? SPAR_CUDA_BF16 : SPAR_CUDA_F32,
+                                         o, dout, delta, NULL));
     return spar_cuda_stream_sync(NULL);
 }
 

@@ -25,6 +25,11 @@ t_unknown_key_set() {
         run "${SMALL[@]}" --set attention.head=4
 }
 
+t_bf16_on_cpu() {
+    expect_bad_input 2 "key run\.dtype: 'bf16' with run\.device=cpu \(allowed: fp32" -- \
+        run "${SMALL[@]}" --set run.dtype=bf16
+}
+
 t_unknown_key_yaml() {
     local f="$TMP/typo.yaml"
     printf 'sequence:\n  length: 64\nattention:\n  hedas: 4\n' >"$f"
@@ -312,6 +317,7 @@ case_run "output.dq without run.backward, np 2" t_gradient_output_without_backwa
 case_run "data.do with the shape of k, np 2" t_do_wrong_shape
 case_run "parallel.head_groups=-1 is out of range, np 3" t_head_groups_negative
 case_run "unknown key via --set (with suggestion), np 2" t_unknown_key_set
+case_run "run.dtype=bf16 on the CPU, np 2" t_bf16_on_cpu
 case_run "unknown key in a YAML file (file:line, suggestion), np 2" t_unknown_key_yaml
 case_run "unknown key with nothing close, np 1" t_unknown_key_far
 case_run "attention.heads=abc is not an integer, np 2" t_heads_not_integer

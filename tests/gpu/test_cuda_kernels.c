@@ -124,9 +124,9 @@ static int fwd_case(const attn_case *c, bool bf16) {
         bad |= !o[b] || !lse[b];
     }
     if (bad) return 1;
-    spar_qblock qb = {c->nq, c->causal ? t.qp : NULL, t.sq, t.sl, t.q, o[0], lse[0], NULL, NULL,
-                      NULL};
-    spar_kvblock kb = {c->nk, c->causal ? t.kp : NULL, t.skv, t.k, t.v, NULL, NULL};
+    spar_qblock qb = {
+        c->nq, c->causal ? t.qp : NULL, t.sq, t.sl, t.q, o[0], lse[0], NULL, NULL, NULL, false};
+    spar_kvblock kb = {c->nk, c->causal ? t.kp : NULL, t.skv, t.k, t.v, NULL, NULL, false};
     bad |= spar_kernels_select("scalar")->softmax_fwd_block(&t.dims, c->causal, &qb, &kb) != 0;
     if (!bf16) {
         qb.o = o[1], qb.lse = lse[1];
@@ -159,9 +159,9 @@ static int oracle_forward(const attn_case *c, const attn_data *t, float *o, floa
         float *orow = o + i * t->sq, *lrow = lse + i * t->sl;
         spar_softmax_init_partial(1, c->H, c->d, orow, lrow);
     }
-    spar_qblock qb = {c->nq, c->causal ? t->qp : NULL, t->sq, t->sl, t->q, o, lse, NULL, NULL,
-                      NULL};
-    spar_kvblock kb = {c->nk, c->causal ? t->kp : NULL, t->skv, t->k, t->v, NULL, NULL};
+    spar_qblock qb = {c->nq, c->causal ? t->qp : NULL, t->sq, t->sl, t->q, o, lse, NULL, NULL, NULL,
+                      false};
+    spar_kvblock kb = {c->nk, c->causal ? t->kp : NULL, t->skv, t->k, t->v, NULL, NULL, false};
     if (spar_kernels_select("scalar")->softmax_fwd_block(&t->dims, c->causal, &qb, &kb) != 0)
         return 1;
     for (int64_t i = 0; i < c->nq; i++) /* row by row: the views are strided */
@@ -201,9 +201,9 @@ static int bwd_case(const attn_case *c, bool bf16) {
             bad |= !g[b][x];
         }
     if (bad || !o || !lse || !delta || oracle_forward(c, &t, o, lse, delta)) return 1;
-    spar_qblock qb = {c->nq,  c->causal ? t.qp : NULL, t.sq, t.sl, t.q, o, lse, t.dout, delta,
-                      g[0][0]};
-    spar_kvblock kb = {c->nk, c->causal ? t.kp : NULL, t.skv, t.k, t.v, g[0][1], g[0][2]};
+    spar_qblock qb = {
+        c->nq, c->causal ? t.qp : NULL, t.sq, t.sl, t.q, o, lse, t.dout, delta, g[0][0], false};
+    spar_kvblock kb = {c->nk, c->causal ? t.kp : NULL, t.skv, t.k, t.v, g[0][1], g[0][2], false};
     bad |= spar_kernels_select("scalar")->softmax_bwd_block(&t.dims, c->causal, &qb, &kb) != 0;
     if (!bf16) {
         qb.dq = g[1][0], kb.dk = g[1][1], kb.dv = g[1][2];
