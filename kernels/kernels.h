@@ -83,7 +83,8 @@ typedef struct spar_linear_dims {
 
 /* A backend's device memory, for methods that keep their tensors there (NULL in a
  * host-only table). The softmax members take the same views as spar_kernels' but every
- * pointer in them (positions too) is device memory; they return once the device is done,
+ * pointer in them (positions too) is device memory, and the inputs may be bfloat16
+ * (spar_qblock.bf16, spar_kvblock.bf16, both alike); they return once the device is done,
  * as host kernels do. Uploads issued with upload_async run on a copy stream beside the
  * kernels (src must come from alloc_host); upload_wait makes the host wait for them. */
 typedef struct spar_kernels_device {
