@@ -100,10 +100,15 @@ int spar__npy_parse_info(const unsigned char *buf, size_t len, const char *name,
     memcpy(dict, buf + prefix, hlen);
     dict[hlen] = '\0';
     int rc = SPAR_OK;
-    if (!parse_dict(dict, info))
-        rc = spar__err_set(err, SPAR_EFORMAT, "'%s': malformed .npy header: %.200s", name, dict);
-    else
+    if (!parse_dict(dict, info)) {
+        size_t shown = strlen(dict); /* without the padding the format adds */
+        while (shown > 0 && (dict[shown - 1] == ' ' || dict[shown - 1] == '\n'))
+            shown--;
+        rc = spar__err_set(err, SPAR_EFORMAT, "'%s': malformed .npy header: %.*s", name,
+                           (int)(shown < 200 ? shown : 200), dict);
+    } else {
         info->data_offset = (int64_t)(prefix + hlen);
+    }
     free(dict);
     return rc;
 }
