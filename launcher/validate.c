@@ -185,6 +185,32 @@ double spar__host_memory_bytes(void) {
     return pages > 0 && size > 0 ? (double)pages * (double)size : 0.0;
 }
 
+/* Tasks of this srun step on this node: SLURM_STEP_TASKS_PER_NODE ("2(x3),1": 2 tasks on
+ * each of the first 3 nodes, then 1) at index SLURM_NODEID. 0 when not under srun or
+ * unreadable. (Open MPI sets no local size of its own when srun starts the ranks.) */
+static int slurm_tasks_here(void) {
+    const char *list = getenv("SLURM_STEP_TASKS_PER_NODE"), *id = getenv("SLURM_NODEID");
+    if (!list || !id) return 0;
+    long node = strtol(id, NULL, 10);
+    for (const char *p = list; *p && node >= 0;) {
+        char *end;
+        long tasks = strtol(p, &end, 10), times = 1;
+        if (end == p || tasks < 0) return 0;
+        if (strncmp(end, "(x", 2) == 0) {
+            times = strtol(end + 2, &end, 10);
+            if (*end++ != ')' || times < 1) return 0;
+        }
+        if (node < times) return tasks > INT_MAX ? 0 : (int)tasks;
+        node -= times;
+        if (*end == ',')
+            end++;
+        else if (*end)
+            return 0;
+        p = end;
+    }
+    return 0;
+}
+
 /* Ranks started on rank 0's host (the launchers say how many); they share its memory. */
 static double ranks_on_this_host(double p) {
     static const char *vars[] = {"OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"};
@@ -192,7 +218,8 @@ static double ranks_on_this_host(double p) {
         const char *v = getenv(vars[i]);
         if (v && atoi(v) > 0) return fmin((double)atoi(v), p);
     }
-    return 1.0;
+    int slurm = slurm_tasks_here();
+    return slurm > 0 ? fmin((double)slurm, p) : 1.0;
 }
 
 /* What one rank holds, at least: its tensors (q, k, v, o, lse; do and the gradients with

@@ -310,6 +310,16 @@ c "report on binary garbage" 0 "spar report: '$y/garbage\.jsonl' holds no record
 echo "# sizes past the host's memory"
 c "sequence.length=2000000000, np 2" 2 "sequence\.length=2000000000: each of the 2 rank\(s\) on this host would hold at least [0-9.e+]+ GiB .* but this host has [0-9.]+ GiB of memory" \
     -- run --set sequence.length=2000000000
+# Under srun, Open MPI names no local size: Slurm's tasks per node count (node 2 of
+# "3,2(x2)" runs 2 of the 7 ranks).
+srun_node() {
+    export SLURM_STEP_TASKS_PER_NODE='3,2(x2)' SLURM_NODEID=2
+    hostile 0 "each of the 2 rank\(s\) on this host would hold" -- config check \
+        "$SPAR_SOURCE_DIR/configs/quickstart.yaml" --set parallel.ranks=7 \
+        --set sequence.length=2000000000
+}
+N=$((N + 1))
+case_run "srun: the ranks of this node counted from SLURM_STEP_TASKS_PER_NODE" srun_node
 c "bench: a sweep point past the host's memory, np 2" 2 "sequence\.length=2147483648: each of .* GiB of memory .*\(sweep point 2 of 2\)" \
     -- bench "$IN/sweep-memory.yaml"
 c "generate: a KV cache past the host's memory" 0 "a rank would hold .* GiB \(weights .* GiB, KV cache .* GiB\) but this host has" \
