@@ -22,7 +22,6 @@ int spar__ring_init(ring *rg, spar_comm *comm, const spar_attn_problem *prob) {
                            prob->part->ranks, rg->size);
     rg->max_len = spar_partition_max_local_len(prob->part);
     rg->row = (size_t)prob->dims.kv_heads * (size_t)prob->dims.head_dim;
-    rg->kv_elem = sizeof(float);
     return spar__chunk_init(&rg->qc, prob->part, rg->rank, rg->max_len);
 }
 
@@ -41,8 +40,9 @@ size_t spar__ring_block_bytes(const ring *rg, int src) {
 
 int spar__ring_start_next_kv(ring *rg, int step, float *held, float *next, spar_comm_op **op) {
     if (step + 1 >= rg->size) return SPAR_OK;
-    size_t send = spar__ring_block_bytes(rg, spar__ring_source(rg, step)) / 4 * rg->kv_elem;
-    size_t recv = spar__ring_block_bytes(rg, spar__ring_source(rg, step + 1)) / 4 * rg->kv_elem;
+    size_t elem = spar__ring_kv_elem(rg);
+    size_t send = spar__ring_block_bytes(rg, spar__ring_source(rg, step)) / 4 * elem;
+    size_t recv = spar__ring_block_bytes(rg, spar__ring_source(rg, step + 1)) / 4 * elem;
     return spar_comm_ring_start(rg->comm, CHANNEL_KV, held, send, next, recv, op);
 }
 

@@ -28,7 +28,6 @@ typedef struct dev_ring {
     grad_bufs host;          /* pinned: kv[] travels; backward: part[], acc_in */
     int next;                /* the kv[] the arriving block goes to */
     size_t next_bytes;
-    bool uploading;
 } dev_ring;
 
 static int dev_alloc(dev_ring *r, void *p, size_t bytes) {
@@ -41,12 +40,12 @@ static int host_alloc(dev_ring *r, void *p, size_t bytes) {
 
 /* A K/V block of `src` as it travels and sits on the device (fp32 or bf16). */
 static size_t kv_bytes(const dev_ring *r, int src) {
-    return spar__ring_block_bytes(&r->rg, src) / sizeof(float) * r->rg.kv_elem;
+    return spar__ring_block_bytes(&r->rg, src) / sizeof(float) * spar__ring_kv_elem(&r->rg);
 }
 
 /* Element e of a [K | V] buffer in its storage. */
 static float *kv_at(const dev_ring *r, float *buf, size_t e) {
-    return (float *)((char *)buf + e * r->rg.kv_elem);
+    return (float *)((char *)buf + e * spar__ring_kv_elem(&r->rg));
 }
 
 /* A query-side input (q or dout, [len, H, d]) into device memory, as bf16 if so asked. */
@@ -91,7 +90,6 @@ static int setup(dev_ring *r, spar_comm *comm, const spar_attn_problem *prob,
     r->kern.softmax_bwd_block = r->dev->softmax_bwd_block;
     r->prob.kernels = &r->kern;
     SPAR_TRY(spar__ring_init(&r->rg, comm, prob));
-    if (prob->bf16) r->rg.kv_elem = sizeof(uint16_t);
     spar_log_debug("ring %s: tensors in %s device memory", backward ? "backward" : "forward",
                    prob->kernels->name);
     int64_t len = r->rg.qc.len, rows = len * prob->dims.heads;
@@ -132,18 +130,20 @@ static int setup(dev_ring *r, spar_comm *comm, const spar_attn_problem *prob,
 /* The pass's hook: the next block is in pinned memory, send it up beside the compute. */
 static int upload_next(void *ctx) {
     dev_ring *r = ctx;
-    r->uploading = true;
     return r->dev->upload_async(r->kv[r->next], r->host.kv[r->next], r->next_bytes);
 }
 
-/* Step `step` holds kv[cur]: its positions go up, and the block of the next step (if
- * any) will be uploaded into kv[cur ^ 1] once it has arrived. */
-static int begin_step(dev_ring *r, spar__pass *pass, int step, int cur, spar_kvblock *kv) {
+/* Step `step` holds kv[cur]: its positions go up, the exchange that brings the block of
+ * the next step (if any) starts (op), and that block will be uploaded into kv[cur ^ 1] once
+ * it has arrived. */
+static int begin_step(dev_ring *r, spar__pass *pass, int step, int cur, spar_kvblock *kv,
+                      spar_comm_op **op) {
     ring *rg = &r->rg;
     SPAR_TRY(spar__chunk_init(&rg->held, r->prob.part, spar__ring_source(rg, step), rg->max_len));
     SPAR_TRY(r->dev->copy(r->kpos[cur], rg->held.pos, sizeof(int64_t) * (size_t)rg->held.len));
+    SPAR_TRY(spar__ring_start_next_kv(rg, step, r->host.kv[cur], r->host.kv[cur ^ 1], op));
     bool more = step + 1 < rg->size;
-    r->next = cur ^ 1, r->uploading = false;
+    r->next = cur ^ 1;
     r->next_bytes = more ? kv_bytes(r, spar__ring_source(rg, step + 1)) : 0;
     pass->arrived = more ? upload_next : NULL;
     pass->arrived_ctx = r, pass->arrived_seen = false;
@@ -162,7 +162,7 @@ static int end_step(dev_ring *r, spar__pass *pass, spar_comm_op **op, const char
                     spar_metrics *m) {
     SPAR_TRY(spar__wait_timed(r->rg.comm, op, what, m));
     if (!pass->arrived) return SPAR_OK;
-    if (!r->uploading) SPAR_TRY(upload_next(r));
+    if (!pass->arrived_seen) SPAR_TRY(upload_next(r)); /* arrived only while we waited */
     double t0 = spar__now();
     int rc = r->dev->upload_wait();
     m->wait_seconds += spar__now() - t0;
@@ -195,10 +195,7 @@ int spar__ring_forward_device(spar_comm *comm, const spar_attn_problem *prob,
     pass.pending[0] = &op;
     for (int step = 0, cur = 0; rc == 0 && step < r.rg.size; step++, cur ^= 1) {
         spar_kvblock kv;
-        if ((rc = begin_step(&r, &pass, step, cur, &kv)) != 0 ||
-            (rc = spar__ring_start_next_kv(&r.rg, step, r.host.kv[cur], r.host.kv[cur ^ 1], &op)) !=
-                0)
-            break;
+        if ((rc = begin_step(&r, &pass, step, cur, &kv, &op)) != 0) break;
         rc = spar__pass_chunk(&pass, &r.rg.held, &kv);
         int wrc = end_step(&r, &pass, &op, "the K/V block of the next ring step (forward)", &m);
         rc = rc ? rc : wrc;
@@ -219,8 +216,7 @@ static int backward_steps(dev_ring *r, spar__pass *pass, spar_comm_op **kv_op,
     ring *rg = &r->rg;
     for (int step = 0, cur = 0; step < rg->size; step++, cur ^= 1) {
         spar_kvblock kv;
-        SPAR_TRY(begin_step(r, pass, step, cur, &kv));
-        SPAR_TRY(spar__ring_start_next_kv(rg, step, r->host.kv[cur], r->host.kv[cur ^ 1], kv_op));
+        SPAR_TRY(begin_step(r, pass, step, cur, &kv, kv_op));
         size_t bytes = 2 * (size_t)kv.n * rg->row * sizeof(float);
         SPAR_TRY(r->dev->zero(r->part, bytes));
         kv.dk = r->part, kv.dv = r->part + kv.n * kv.stride_kv;

@@ -16,8 +16,7 @@ typedef struct ring {
     const spar_attn_problem *prob;
     int rank, size;
     int64_t max_len;
-    size_t row;     /* elements per token of one of K, V, dK, dV: G d */
-    size_t kv_elem; /* bytes per element of the K/V blocks that travel (4; bf16: 2) */
+    size_t row; /* elements per token of one of K, V, dK, dV: G d */
     spar__chunk qc, held;
 } ring;
 
@@ -29,8 +28,13 @@ typedef struct grad_bufs {
 
 int spar__ring_init(ring *rg, spar_comm *comm, const spar_attn_problem *prob);
 void spar__ring_free(ring *rg);
+/* Bytes per element of the K/V blocks that travel: 4, or 2 with prob->bf16. */
+static inline size_t spar__ring_kv_elem(const ring *rg) {
+    return rg->prob->bf16 ? 2 : sizeof(float);
+}
+
 /* Source rank of the block held at `step`, and a rank's [K | V] (or [dK | dV]) size in
- * bytes as fp32; the exchange of K/V blocks scales it by kv_elem. */
+ * bytes as fp32; the exchange of K/V blocks scales it by spar__ring_kv_elem. */
 int spar__ring_source(const ring *rg, int step);
 size_t spar__ring_block_bytes(const ring *rg, int src);
 /* Posts the exchange that brings the block of the next step (none after the last). */

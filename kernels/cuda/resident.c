@@ -43,26 +43,30 @@ static int dtype(const spar_qblock *q, const spar_kvblock *kv, spar_cuda_dtype *
     return SPAR_OK;
 }
 
-static int fwd_block(const spar_attn_dims *dims, bool causal, const spar_qblock *q,
-                     const spar_kvblock *kv) {
+typedef int (*softmax_launcher)(const spar_attn_dims *, bool, spar_cuda_dtype,
+                                const spar_cuda_qblock *, const spar_cuda_kvblock *,
+                                spar_cuda_stream);
+
+/* One block through `launch` (spar_cuda_softmax_fwd or _bwd), waited for. */
+static int run_block(softmax_launcher launch, const spar_attn_dims *dims, bool causal,
+                     const spar_qblock *q, const spar_kvblock *kv) {
     spar_cuda_dtype dt = SPAR_CUDA_F32;
     if (q->n == 0 || kv->n == 0) return SPAR_OK;
     SPAR_TRY(dtype(q, kv, &dt));
     spar_cuda_qblock dq = device_q(q);
     spar_cuda_kvblock dk = device_kv(kv);
-    SPAR_TRY(spar_cuda_softmax_fwd(dims, causal, dt, &dq, &dk, NULL));
+    SPAR_TRY(launch(dims, causal, dt, &dq, &dk, NULL));
     return spar_cuda_stream_sync(NULL);
+}
+
+static int fwd_block(const spar_attn_dims *dims, bool causal, const spar_qblock *q,
+                     const spar_kvblock *kv) {
+    return run_block(spar_cuda_softmax_fwd, dims, causal, q, kv);
 }
 
 static int bwd_block(const spar_attn_dims *dims, bool causal, const spar_qblock *q,
                      const spar_kvblock *kv) {
-    spar_cuda_dtype dt = SPAR_CUDA_F32;
-    if (q->n == 0 || kv->n == 0) return SPAR_OK;
-    SPAR_TRY(dtype(q, kv, &dt));
-    spar_cuda_qblock dq = device_q(q);
-    spar_cuda_kvblock dk = device_kv(kv);
-    SPAR_TRY(spar_cuda_softmax_bwd(dims, causal, dt, &dq, &dk, NULL));
-    return spar_cuda_stream_sync(NULL);
+    return run_block(spar_cuda_softmax_bwd, dims, causal, q, kv);
 }
 
 /* o = 0, lse = -inf: the bytes of -inf are no memset pattern, so lse goes up from the host. */
